@@ -1,0 +1,97 @@
+"""Shared test helpers: random tiny Hugging Face checkpoints with a locally trained tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Explain the answer in simple words, like to a child.",
+    "Be concise, informative and friendly in every reply.",
+    "A mixture of preference experts decodes one token at a time.",
+    "What is the capital of France? Paris is the capital of France.",
+    "def add(a, b):\n    return a + b\n",
+]
+TINY_DEFAULTS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def make_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) trained on a few sentences; ids 0..2 = pad, bos, eos."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter (norm weights and biases included) a distinct random value, so that a
+    weight loaded into the wrong place changes the logits, and greedy choices have clear margins."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise / param.shape[-1] ** 0.5 * 1.5)
+
+
+def make_tiny_checkpoint(
+    path: str | Path, arch: str = "llama", vocab: int = 320, seed: int = 0, **config_overrides
+) -> Path:
+    """Save a random tiny `arch` model (safetensors, fp32) and a tokenizer into `path`; return the path.
+
+    `arch` is one of "llama", "mistral", "qwen2", "qwen3"; `vocab` (≥ 300, the tokenizer's size) is the
+    model's vocabulary; `config_overrides` go to the transformers config (e.g. tie_word_embeddings=True,
+    num_key_value_heads=1, rope_parameters={...}).
+    """
+    if arch not in CONFIG_CLASSES:
+        raise ValueError(f"arch must be one of {sorted(CONFIG_CLASSES)}, got {arch!r}")
+    tokenizer = make_tiny_tokenizer()
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab={vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    settings = dict(TINY_DEFAULTS, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if arch == "qwen3":
+        settings["head_dim"] = 16
+    settings.update(config_overrides)
+    config = CONFIG_CLASSES[arch](**settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_(model, seed)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
