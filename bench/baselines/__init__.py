@@ -1,0 +1,1 @@
+"""Baselines: what a user writes today without MoPE Engine."""
