@@ -1,0 +1,188 @@
+"""Block manager: allocation, reference counts, fork + copy-on-write, prefix cache, freeing."""
+
+import pytest
+from mope.engine.block_manager import BlockManager
+from mope.engine.sampling_params import SamplingParams
+from mope.engine.sequence import Sequence, Track
+
+BS = 4
+
+
+def make_seq(prompts: dict[int, list[int]], request: int = 0, n: int = 1) -> Sequence:
+    """A sequence with one track per model: {model: prompt ids}."""
+    tracks = [Track(model, list(prompt)) for model, prompt in prompts.items()]
+    return Sequence(request, tracks, SamplingParams(n=n), [1.0], [True], max_completion=100)
+
+
+def compute(manager: BlockManager, seq: Sequence) -> None:
+    """What a step does to the cache bookkeeping: every token is now computed."""
+    for track in seq.tracks:
+        track.num_cached_tokens = seq.num_tokens(track)
+    manager.register_computed(seq)
+
+
+def test_allocate_gives_each_track_its_own_blocks_and_deallocate_frees_them():
+    manager = BlockManager(10, BS)
+    seq = make_seq({0: list(range(9)), 1: list(range(3))})
+    assert manager.blocks_needed(seq) == 3 + 1
+    manager.allocate(seq)
+    tables = [t.block_table for t in seq.tracks]
+    assert [len(t) for t in tables] == [3, 1]
+    assert len(set(tables[0] + tables[1])) == 4
+    assert manager.num_free_blocks == 6
+    assert all(manager.blocks[b].ref_count == 1 for b in tables[0] + tables[1])
+    assert [t.num_cached_tokens for t in seq.tracks] == [0, 0]
+    manager.deallocate(seq)
+    assert manager.num_free_blocks == 10
+    assert all(t.block_table == [] for t in seq.tracks)
+
+
+def test_append_slot_takes_a_block_only_when_the_last_one_is_full():
+    manager = BlockManager(10, BS)
+    seq = make_seq({0: list(range(4))})
+    manager.allocate(seq)
+    compute(manager, seq)
+    grown = []
+    for token in range(6):
+        seq.append(100 + token, 0.0, [0.0], [1.0])
+        assert manager.can_append(seq)
+        manager.append_slot(seq)
+        grown.append(len(seq.tracks[0].block_table))
+        compute(manager, seq)
+    # 5..10 tokens: positions 4 and 8 open a new block
+    assert grown == [2, 2, 2, 2, 3, 3]
+    assert manager.num_free_blocks == 7
+
+
+def test_fork_shares_every_block_and_copy_on_write_splits_the_partly_filled_one():
+    copies = []
+    manager = BlockManager(10, BS, copy_block=lambda src, dst: copies.append((src, dst)))
+    parent = make_seq({0: list(range(6))}, n=2)
+    manager.allocate(parent)
+    compute(manager, parent)
+    child = parent.fork(1)
+    manager.fork(child)
+    full, partial = parent.tracks[0].block_table
+    assert child.tracks[0].block_table == [full, partial]
+    assert manager.blocks[full].ref_count == manager.blocks[partial].ref_count == 2
+    assert manager.num_free_blocks == 8
+    assert child.seed != parent.seed
+
+    parent.append(7, 0.0, [0.0], [1.0])
+    child.append(8, 0.0, [0.0], [1.0])
+    manager.append_slot(parent)  # position 6 is in the shared partial block: parent gets a private copy
+    new_block = parent.tracks[0].block_table[1]
+    assert new_block != partial and copies == [(partial, new_block)]
+    assert parent.tracks[0].block_table[0] == full
+    assert manager.blocks[partial].ref_count == 1
+    manager.append_slot(child)  # the child is now the partial block's only owner: it writes in place
+    assert child.tracks[0].block_table == [full, partial] and len(copies) == 1
+    assert manager.num_free_blocks == 7
+    manager.deallocate(parent)
+    assert manager.blocks[full].ref_count == 1 and manager.num_free_blocks == 8
+    manager.deallocate(child)
+    assert manager.num_free_blocks == 10
+
+
+def test_can_append_counts_copy_on_write_blocks():
+    manager = BlockManager(4, BS)
+    parent = make_seq({0: list(range(6))}, n=2)
+    manager.allocate(parent)
+    compute(manager, parent)
+    child = parent.fork(1)
+    manager.fork(child)
+    parent.append(1, 0.0, [0.0], [1.0])
+    assert manager.can_append(parent)
+    manager.append_slot(parent)
+    other = make_seq({0: [1]})
+    manager.allocate(other)  # takes the last free block
+    child.append(2, 0.0, [0.0], [1.0])
+    assert manager.can_append(child)  # sole owner of the partial block now: no block needed
+    child.append(3, 0.0, [0.0], [1.0])
+    child.append(4, 0.0, [0.0], [1.0])  # 9 tokens: position 8 opens a third block
+    assert not manager.can_append(child)
+
+
+def test_prefix_cache_reuses_computed_full_blocks_of_the_same_model_only():
+    manager = BlockManager(20, BS)
+    first = make_seq({0: list(range(10)), 1: list(range(10))})
+    manager.allocate(first)
+    assert [t.num_cached_tokens for t in first.tracks] == [0, 0]
+    compute(manager, first)
+
+    same_prefix = make_seq({0: list(range(9)) + [99], 2: list(range(10))})
+    manager.allocate(same_prefix)
+    track0, track2 = same_prefix.tracks
+    assert track0.num_cached_tokens == 8  # two full blocks computed once for model 0
+    assert track0.block_table[:2] == first.tracks[0].block_table[:2]
+    assert track0.block_table[2] not in first.tracks[0].block_table
+    assert manager.blocks[track0.block_table[0]].ref_count == 2
+    assert track2.num_cached_tokens == 0  # model 2 never computed these tokens: no sharing across models
+    assert not set(track2.block_table) & set(first.tracks[1].block_table)
+
+    different_start = make_seq({0: [5] + list(range(1, 10))})
+    manager.allocate(different_start)
+    assert different_start.tracks[0].num_cached_tokens == 0  # the chain breaks at the first block
+
+
+def test_prefix_cache_always_leaves_the_last_token_to_compute():
+    manager = BlockManager(20, BS)
+    first = make_seq({0: list(range(8))})
+    manager.allocate(first)
+    compute(manager, first)
+    again = make_seq({0: list(range(8))})
+    manager.allocate(again)
+    assert again.tracks[0].num_cached_tokens == 4  # not 8: the logits of the last token are needed
+    assert again.tracks[0].block_table[0] == first.tracks[0].block_table[0]
+    assert again.tracks[0].block_table[1] != first.tracks[0].block_table[1]
+
+
+def test_uncomputed_blocks_are_not_hits_and_freed_blocks_stay_cached_until_reused():
+    manager = BlockManager(4, BS)
+    first = make_seq({0: list(range(9))})
+    manager.allocate(first)
+    pending = make_seq({0: list(range(9))})
+    assert manager.blocks_needed(pending) == 3
+    manager.deallocate(first)  # never computed: nothing was registered
+    manager.allocate(pending)
+    assert pending.tracks[0].num_cached_tokens == 0
+    compute(manager, pending)
+    cached = list(pending.tracks[0].block_table)
+    manager.deallocate(pending)
+    assert manager.num_free_blocks == 4
+
+    revived = make_seq({0: list(range(9))})
+    manager.allocate(revived)
+    assert revived.tracks[0].num_cached_tokens == 8
+    assert revived.tracks[0].block_table[:2] == cached[:2]
+    assert manager.num_free_blocks == 1
+    manager.deallocate(revived)
+
+    # blocks handed out for other content lose their registration
+    filler = make_seq({0: [7] * 16})
+    manager.allocate(filler)
+    manager.deallocate(filler)
+    again = make_seq({0: list(range(9))})
+    manager.allocate(again)
+    assert again.tracks[0].num_cached_tokens == 0
+
+
+def test_decode_blocks_are_registered_when_they_fill_up():
+    manager = BlockManager(10, BS)
+    seq = make_seq({0: [1, 2, 3]})
+    manager.allocate(seq)
+    compute(manager, seq)
+    for token in (4, 5):
+        seq.append(token, 0.0, [0.0], [1.0])
+        manager.append_slot(seq)
+        compute(manager, seq)
+    other = make_seq({0: [1, 2, 3, 4, 5]})
+    manager.allocate(other)
+    assert other.tracks[0].num_cached_tokens == 4
+    assert other.tracks[0].block_table[0] == seq.tracks[0].block_table[0]
+
+
+@pytest.mark.parametrize("num_blocks, block_size", [(0, 4), (4, 0)])
+def test_bad_sizes_are_rejected(num_blocks, block_size):
+    with pytest.raises(ValueError, match="num_blocks" if num_blocks == 0 else "block_size"):
+        BlockManager(num_blocks, block_size)
