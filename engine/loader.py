@@ -1,0 +1,127 @@
+"""Load a Hugging Face checkpoint directory into our `CausalLM` (safetensors only) and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import PACKED_MODULES, CausalLM, MergedLinear
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, stored by some old checkpoints
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> CausalLM:
+    """Our `CausalLM` with the weights of checkpoint directory `path`, in `dtype` on `device`, eval mode."""
+    path = _checkpoint_dir(path)
+    config = ModelConfig.from_pretrained(path)
+    files = safetensors_files(path)
+    model = CausalLM.empty(config, device, dtype)
+    load_weights(model, files)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer through transformers.AutoTokenizer, local files only."""
+    from transformers import AutoTokenizer
+
+    path = _checkpoint_dir(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards of its index, or model.safetensors."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path}: {INDEX_FILE} names shards that are not there: {', '.join(missing)}"
+            )
+        return [path / name for name in shards]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path}: only pickle weights ({', '.join(pickles)}); they are not loaded because unpickling "
+            "runs arbitrary code. If you trust them, convert once to safetensors: python -c "
+            '"from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{path}').save_pretrained('{path}', safe_serialization=True)\""
+        )
+    raise FileNotFoundError(f"{path}: no weights (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def load_weights(model: CausalLM, files: list[Path]) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter; any missing or unexpected name,
+    or a shape mismatch, is a ValueError."""
+    targets = checkpoint_targets(model)
+    tied = model.lm_head is None
+    unexpected, loaded = [], set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                        continue
+                    target = targets.get(name)
+                    if target is None:
+                        unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != target.shape:
+                        raise ValueError(
+                            f"{file.name}: weight {name} has shape {tuple(tensor.shape)}, "
+                            f"the config implies {tuple(target.shape)}"
+                        )
+                    target.copy_(tensor)
+                    loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the {model.config.architecture} config: "
+            f"missing weights {_some(missing)}, unexpected weights {_some(unexpected)}"
+        )
+
+
+def checkpoint_targets(model: CausalLM) -> dict[str, Tensor]:
+    """Checkpoint weight name -> the tensor (a parameter, or a row shard of a fused one) it loads into."""
+    targets = {}
+    for name, param in model.named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, MergedLinear):
+            targets[name] = param
+            continue
+        parent, _, fused = module_name.rpartition(".")
+        for checkpoint_module, (fused_name, index) in PACKED_MODULES.items():
+            if fused_name == fused:
+                targets[f"{parent}.{checkpoint_module}.{attr}"] = module.shard(param, index)
+    return targets
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+    return path
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,197 @@
+"""`CausalLM`: Llama / Mistral / Qwen2 / Qwen3 decoder over a step's flattened tokens (nano-vllm style).
+
+q/k/v and gate/up projections are fused (`MergedLinear`); the checkpoint's separate weights are copied
+into their row shards at load time (`PACKED_MODULES`, used by the loader).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .config import ModelConfig
+from .context import AttentionContext
+
+# checkpoint module name -> (our fused module, shard index)
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class MergedLinear(nn.Linear):
+    """A linear layer whose output rows are the concatenation of several checkpoint layers' rows."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        self.shard_sizes = shard_sizes
+
+    def shard(self, param: Tensor, index: int) -> Tensor:
+        """The rows of `param` (this layer's weight or bias) that belong to shard `index`."""
+        start = sum(self.shard_sizes[:index])
+        return param[start : start + self.shard_sizes[index]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x); with `residual`: (norm(x + residual), x + residual), the pre-norm block's fused step."""
+        if residual is None:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x = x + residual
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
+
+
+def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of position * inv_freq, (N, 1, D/2) in `dtype` (fp32 angles, as transformers)."""
+    angles = positions[:, None].float() * inv_freq
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half rope on (N, H, D): the two halves of the head dim are the (real, imaginary) parts."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ctx: AttentionContext,
+        kv_cache: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(attention(q, k, v, ctx, kv_cache, self.scale).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        ctx: AttentionContext,
+        kv_cache: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, ctx, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder + LM head. Parameter names follow the checkpoint's, with q/k/v and gate/up fused."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.register_buffer("inv_freq", config.rope_inv_freq(), persistent=False)
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> CausalLM:
+        """A model with uninitialised `dtype` weights on `device` (no random init), fp32 rope frequencies."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device).to(dtype)
+        model.inv_freq = config.rope_inv_freq().to(device)
+        return model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        kv_cache: list[tuple[Tensor, Tensor]] | None,
+    ) -> Tensor:
+        """input_ids, positions (N,) int64: the step's tokens, sequences concatenated -> (N, hidden)."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and positions must be (N,), got {tuple(input_ids.shape)} and "
+                f"{tuple(positions.shape)}"
+            )
+        if kv_cache is not None and len(kv_cache) != self.config.num_layers:
+            raise ValueError(
+                f"kv_cache must hold one (k, v) pair per layer ({self.config.num_layers}), "
+                f"got {len(kv_cache)}"
+            )
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
+        residual = None
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, cos, sin, ctx, None if kv_cache is None else kv_cache[i])
+        return self.model.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """(M, hidden) -> (M, vocab) fp32 logits."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
