@@ -1,0 +1,268 @@
+"""PEFT LoRA adapters as experts over one shared base `CausalLM` (Punica / S-LoRA style).
+
+One base forward serves the rows of every adapter expert together; each projection then adds each
+adapter's low-rank delta on that adapter's own rows (`mope.kernels.lora`). The fused q/k/v and gate/up
+projections of `CausalLM` take each shard's delta in its slice of the output. Deltas are added by
+forward hooks, so the base model is not copied and a row with adapter index -1 is the plain base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .context import AttentionContext
+from .model import PACKED_MODULES, CausalLM
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# adapter_config.json fields that change what the adapter computes and that we do not implement
+UNSUPPORTED_FIELDS = {
+    "modules_to_save": "modules_to_save (fully trained copies of base modules)",
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "lora_bias",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "rank_pattern": "rank_pattern (per-module ranks)",
+    "alpha_pattern": "alpha_pattern (per-module alphas)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "kasa_config": "kasa_config",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "velora_config": "VeLoRA (velora_config)",
+}
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
+                  r"\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One adapter: (layer, checkpoint module) -> (A (r, in), B (out, r) with the scaling folded in)."""
+
+    path: Path
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(repr=False)
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json of `path`, checked: a plain LoRA with no feature we do not implement."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
+    config = json.loads(file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA)")
+    for name, feature in UNSUPPORTED_FIELDS.items():
+        if config.get(name):
+            raise ValueError(f"{path}: adapter uses {feature}, which is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: adapter bias={config['bias']!r} is not supported (only 'none')")
+    targets = config.get("target_modules")
+    if isinstance(targets, list | tuple):
+        unknown = sorted(set(targets) - set(TARGET_MODULES))
+        if unknown:
+            raise ValueError(f"{path}: target_modules {unknown} are not supported "
+                             f"(supported: {', '.join(TARGET_MODULES)})")
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise ValueError(f"{path}: r must be a positive int, got {config.get('r')!r}")
+    return config
+
+
+def check_same_base(path: Path, config: dict, base_path: str | Path | None) -> None:
+    """ValueError when the adapter's base_model_name_or_path is a local checkpoint other than `base_path`.
+
+    Checkable only when both are local directories; a copy of the base (same config.json and the same
+    safetensors file names and sizes) counts as the same base.
+    """
+    named = config.get("base_model_name_or_path")
+    if base_path is None or not named or not Path(named).is_dir():
+        return
+    if _fingerprint(Path(named)) != _fingerprint(Path(base_path)):
+        raise ValueError(f"{path}: adapter was trained on base_model_name_or_path={named!r}, "
+                         f"not on the engine's base {str(base_path)!r}")
+
+
+def _fingerprint(checkpoint: Path) -> tuple:
+    config = checkpoint / "config.json"
+    settings = json.loads(config.read_text()) if config.is_file() else None
+    if settings is not None:
+        settings.pop("_name_or_path", None)
+    files = sorted((f.name, f.stat().st_size) for f in checkpoint.glob("*.safetensors"))
+    return json.dumps(settings, sort_keys=True), files
+
+
+def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter directory (fp32, CPU). `base_path`: the base checkpoint, to check against."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    check_same_base(path, config, base_path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (pickle adapter weights are not loaded)")
+    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, tensor in load_file(path / WEIGHTS_FILE).items():
+        match = _KEY.match(key)
+        if match is None or match[2] not in TARGET_MODULES:
+            raise ValueError(f"{path}: weight {key!r} is not a LoRA factor of a supported target module "
+                             f"({', '.join(TARGET_MODULES)})")
+        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor.float()
+    if not pairs:
+        raise ValueError(f"{path}: {WEIGHTS_FILE} holds no LoRA weights")
+    weights = {}
+    for (layer, module), factors in pairs.items():
+        if set(factors) != {"A", "B"}:
+            raise ValueError(f"{path}: layer {layer} {module} lacks lora_{'B' if 'A' in factors else 'A'}")
+        a, b = factors["A"], factors["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B "
+                             f"{tuple(b.shape)} are not (r, in) and (out, r)")
+        weights[(layer, module)] = (a, b * scaling)
+    return LoRAAdapter(path=path, rank=rank, scaling=scaling, weights=weights)
+
+
+# our fused module -> the checkpoint modules of its output shards, in order
+FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+assert all(PACKED_MODULES[m] == (fused, i) for fused, shards in FUSED_SHARDS.items() if len(shards) > 1
+           for i, m in enumerate(shards))
+
+
+@dataclass
+class StackedLoRA:
+    """Every adapter's factors for one of our (possibly fused) linear layers.
+
+    a (L, S*r, in): shard s of adapter l in rows s*r .. s*r + r_l (zeros pad smaller ranks and shards the
+    adapter does not target); b (L, out, S*r): block-diagonal, shard s's output rows read its r columns.
+    """
+
+    a: Tensor
+    b: Tensor
+
+
+@dataclass
+class AdapterRows:
+    """The step's rows per adapter: `order` sorts rows by adapter; `segments`: (adapter, start, end) of it."""
+
+    order: Tensor
+    segments: list[tuple[int, int, int]]
+
+    @classmethod
+    def from_index(cls, adapter_index: Tensor, num_adapters: int) -> AdapterRows:
+        order = torch.argsort(adapter_index, stable=True)
+        counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        segments = [(a, ends[a], ends[a + 1]) for a in range(num_adapters) if counts[a + 1]]
+        return cls(order=order, segments=segments)
+
+
+def stack_adapters(linear: nn.Linear, shards: tuple[str, ...], layer: int,
+                   adapters: list[LoRAAdapter]) -> StackedLoRA | None:
+    """The StackedLoRA of `linear` (layer `layer`), None when no adapter targets it."""
+    sizes = getattr(linear, "shard_sizes", [linear.out_features])
+    factors = [[adapter.weights.get((layer, m)) for m in shards] for adapter in adapters]
+    ranks = [f[0].shape[0] for per_adapter in factors for f in per_adapter if f is not None]
+    if not ranks:
+        return None
+    rank, width = max(ranks), len(shards) * max(ranks)
+    a = torch.zeros(len(adapters), width, linear.in_features)
+    b = torch.zeros(len(adapters), linear.out_features, width)
+    for l, per_adapter in enumerate(factors):
+        row = 0
+        for s, (module, size, pair) in enumerate(zip(shards, sizes, per_adapter, strict=True)):
+            if pair is not None:
+                lora_a, lora_b = pair
+                if lora_a.shape[1] != linear.in_features or lora_b.shape[0] != size:
+                    raise ValueError(
+                        f"{adapters[l].path}: layer {layer} {module} factors {tuple(lora_a.shape)}, "
+                        f"{tuple(lora_b.shape)} do not fit the base's ({size}, {linear.in_features}) weight")
+                r = lora_a.shape[0]
+                a[l, s * rank: s * rank + r] = lora_a
+                b[l, row: row + size, s * rank: s * rank + r] = lora_b
+            row += size
+    weight = linear.weight
+    return StackedLoRA(a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
+
+
+def add_lora_delta(out: Tensor, x: Tensor, lora: StackedLoRA, rows: AdapterRows) -> None:
+    """out[rows of adapter l] += x[those rows] @ a[l].T @ b[l].T, for every adapter of the step."""
+    for adapter, start, end in rows.segments:
+        idx = rows.order[start:end]
+        out.index_add_(0, idx, x[idx] @ lora.a[adapter].T @ lora.b[adapter].T)
+
+
+class LoRAGroup(nn.Module):
+    """One base `CausalLM` and L LoRA adapters served as L + 1 experts of one architecture.
+
+    `forward(..., adapter_index)` runs the base once over all rows; row n also gets the delta of
+    adapter `adapter_index[n]` (-1: the plain base). Each adapter expert keeps its own KV blocks:
+    give its sequences their own block tables / slots in `ctx`, as for any other expert.
+    """
+
+    def __init__(self, base: CausalLM, adapters: list[str | Path], base_path: str | Path | None = None):
+        super().__init__()
+        if not adapters:
+            raise ValueError("adapters must name at least one adapter directory")
+        self.base = base
+        self.adapters = [load_adapter(p, base_path) for p in adapters]
+        layers = base.model.layers
+        for adapter in self.adapters:
+            deep = [layer for layer, _ in adapter.weights if layer >= len(layers)]
+            if deep:
+                raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {len(layers)}")
+        self._rows: AdapterRows | None = None
+        self._hooks = []
+        self.stacks: dict[tuple[int, str], StackedLoRA] = {}
+        for i, layer in enumerate(layers):
+            for fused, shards in FUSED_SHARDS.items():
+                linear = getattr(layer.self_attn if fused in ("qkv_proj", "o_proj") else layer.mlp, fused)
+                stacked = stack_adapters(linear, shards, i, self.adapters)
+                if stacked is not None:
+                    self.stacks[(i, fused)] = stacked
+                    self._hooks.append(linear.register_forward_hook(self._hook(stacked)))
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapters)
+
+    def _hook(self, lora: StackedLoRA):
+        def add_delta(module: nn.Module, args: tuple[Tensor], out: Tensor) -> None:
+            if self._rows is not None:
+                add_lora_delta(out, args[0], lora, self._rows)
+        return add_delta
+
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
+                kv_cache: list[tuple[Tensor, Tensor]] | None, adapter_index: Tensor) -> Tensor:
+        """As `CausalLM.forward`; `adapter_index` (N,) int64 in [-1, L): each token's adapter (-1: none)."""
+        if adapter_index.shape != input_ids.shape:
+            raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
+        low, high = adapter_index.aminmax() if len(adapter_index) else (-1, -1)
+        if low < -1 or high >= len(self.adapters):
+            raise ValueError(f"adapter_index must be in [-1, {len(self.adapters)}), got values {low}..{high}")
+        self._rows = AdapterRows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
+        try:
+            return self.base(input_ids, positions, ctx, kv_cache)
+        finally:
+            self._rows = None
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.base.compute_logits(hidden)
+
+    def remove(self) -> None:
+        """Detach the adapters: the base model computes the plain base again."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
