@@ -50,7 +50,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (isinstance(self.experts, list) and len(self.experts) > 0, "experts must be a non-empty list"),
-            (isinstance(self.rewards, dict) and len(self.rewards) > 0, "rewards must map dimensions to specs"),
+            (isinstance(self.rewards, dict) and bool(self.rewards), "rewards must map dimensions to specs"),
             (self.pcm is None or self.pcm_backbone is None, "give pcm or pcm_backbone, not both"),
             (self.reference == "uniform" or self.reference.startswith("field:"),
              f"reference must be 'uniform' or 'field:<name>', got {self.reference!r}"),
