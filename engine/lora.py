@@ -8,6 +8,8 @@ forward hooks, so the base model is not copied and a row with adapter index -1 i
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import re
@@ -85,23 +87,30 @@ def check_same_base(path: Path, config: dict, base_path: str | Path | None) -> N
     """ValueError when the adapter's base_model_name_or_path is a local checkpoint other than `base_path`.
 
     Checkable only when both are local directories; a copy of the base (same config.json and the same
-    safetensors file names and sizes) counts as the same base.
+    safetensors contents) counts as the same base.
     """
     named = config.get("base_model_name_or_path")
     if base_path is None or not named or not Path(named).is_dir():
         return
-    if _fingerprint(Path(named)) != _fingerprint(Path(base_path)):
+    if Path(named).resolve() != Path(base_path).resolve() and _fingerprint(named) != _fingerprint(base_path):
         raise ValueError(f"{path}: adapter was trained on base_model_name_or_path={named!r}, "
                          f"not on the engine's base {str(base_path)!r}")
 
 
-def _fingerprint(checkpoint: Path) -> tuple:
+def _fingerprint(checkpoint: str | Path) -> tuple:
+    """config.json (less its own path) and a digest of each safetensors file."""
+    checkpoint = Path(checkpoint).resolve()
     config = checkpoint / "config.json"
-    settings = json.loads(config.read_text()) if config.is_file() else None
-    if settings is not None:
-        settings.pop("_name_or_path", None)
-    files = sorted((f.name, f.stat().st_size) for f in checkpoint.glob("*.safetensors"))
-    return json.dumps(settings, sort_keys=True), files
+    settings = json.loads(config.read_text()) if config.is_file() else {}
+    settings.pop("_name_or_path", None)
+    files = sorted(checkpoint.glob("*.safetensors"))
+    return json.dumps(settings, sort_keys=True), [(f.name, _digest(f, f.stat().st_mtime_ns)) for f in files]
+
+
+@functools.cache
+def _digest(file: Path, mtime_ns: int) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
 def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAAdapter:
@@ -249,7 +258,7 @@ class LoRAGroup(nn.Module):
         """As `CausalLM.forward`; `adapter_index` (N,) int64 in [-1, L): each token's adapter (-1: none)."""
         if adapter_index.shape != input_ids.shape:
             raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
-        low, high = adapter_index.aminmax() if len(adapter_index) else (-1, -1)
+        low, high = (int(v) for v in adapter_index.aminmax()) if len(adapter_index) else (-1, -1)
         if low < -1 or high >= len(self.adapters):
             raise ValueError(f"adapter_index must be in [-1, {len(self.adapters)}), got values {low}..{high}")
         self._rows = AdapterRows.from_index(adapter_index.to(input_ids.device), len(self.adapters))

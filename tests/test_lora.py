@@ -1,0 +1,232 @@
+"""LoRA adapter experts over one base (engine/lora.py) against the same adapters merged into the base:
+by the adapter math into a checkpoint our loader reads, and by peft's merge_and_unload in transformers."""
+
+import json
+
+import pytest
+import torch
+from helpers import make_tiny_checkpoint
+from mope.engine.context import AttentionContext
+from mope.engine.loader import load_model
+from mope.engine.lora import LoRAGroup, load_adapter
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+# two adapters with different targets, ranks and scalings (the second uses rslora)
+ADAPTERS = (
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1),
+    dict(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"], use_rslora=True),
+)
+BLOCK_SIZE = 4
+NEW_TOKENS = 12
+
+
+def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
+    """A peft adapter of `base_dir` whose lora_B is random (peft initialises it to zero)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora_settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def merge_into_checkpoint(base_dir, adapter_dir, out_dir):
+    """The adapter merged into a copy of the base checkpoint: W += scaling * B @ A, by the adapter math."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    rank = config["r"]
+    scaling = config["lora_alpha"] / (rank**0.5 if config.get("use_rslora") else rank)
+    weights = load_file(base_dir / "model.safetensors")
+    factors = load_file(adapter_dir / "adapter_model.safetensors")
+    for key, lora_a in factors.items():
+        if ".lora_A." in key:
+            name = key.removeprefix("base_model.model.").replace(".lora_A", "")
+            weights[name] = weights[name] + scaling * factors[key.replace("lora_A", "lora_B")] @ lora_a
+    out_dir.mkdir()
+    for file in base_dir.iterdir():
+        if file.name != "model.safetensors":
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_tiny_checkpoint(root / "base", "llama", seed=3)
+    adapters = [save_adapter(base, root / f"adapter{i}", seed=i, **kw) for i, kw in enumerate(ADAPTERS)]
+    merged = [merge_into_checkpoint(base, a, root / f"merged{i}") for i, a in enumerate(adapters)]
+    return base, adapters, merged
+
+
+def prompts() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 300, (n,), generator=generator) for n in (5, 9)]
+
+
+class PagedDecoder:
+    """Greedy decoding of several sequences over one paged cache, each sequence with its own blocks."""
+
+    def __init__(self, config, num_seqs: int, max_len: int):
+        per_seq = -(-max_len // BLOCK_SIZE)
+        shape = (num_seqs * per_seq, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+        self.kv_cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_layers)]
+        self.block_tables = torch.arange(num_seqs * per_seq).flip(0).view(num_seqs, per_seq).int()
+        self.lens = [0] * num_seqs
+
+    def step(self, forward, chunks: list[torch.Tensor], is_prefill: bool) -> torch.Tensor:
+        """Feed chunks[s] to sequence s through `forward(ids, positions, ctx, kv_cache)`; last logits."""
+        positions, slots, cu = [], [], [0]
+        for s, chunk in enumerate(chunks):
+            span = range(self.lens[s], self.lens[s] + len(chunk))
+            positions += span
+            slots += [int(self.block_tables[s, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in span]
+            cu.append(cu[-1] + len(chunk))
+            self.lens[s] += len(chunk)
+        ctx = AttentionContext(is_prefill=is_prefill, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+                               context_lens=torch.tensor(self.lens, dtype=torch.int32),
+                               slot_mapping=torch.tensor(slots), block_tables=self.block_tables)
+        logits = forward(torch.cat(chunks), torch.tensor(positions), ctx, self.kv_cache)
+        return logits[torch.tensor(cu[1:]) - 1]
+
+    def greedy(self, forward, chunks: list[torch.Tensor], steps: int) -> torch.Tensor:
+        tokens = [self.step(forward, chunks, is_prefill=True).argmax(-1)]
+        for _ in range(steps - 1):
+            tokens.append(self.step(forward, list(tokens[-1][:, None]), is_prefill=False).argmax(-1))
+        return torch.stack(tokens, dim=1)
+
+
+def group_forward(group, row_adapters: list[int]):
+    """forward for PagedDecoder: each sequence's tokens carry its adapter index."""
+    def forward(ids, positions, ctx, kv_cache):
+        lens = (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).long()
+        index = torch.tensor(row_adapters).repeat_interleave(lens)
+        return group.compute_logits(group(ids, positions, ctx, kv_cache, index))
+    return forward
+
+
+@torch.no_grad()
+def test_adapter_rows_match_merged_checkpoints(checkpoints):
+    """Logits of every row of a mixed batch (adapter 0, adapter 1, plain base) equal those of the adapter
+    merged into the base by hand and loaded as a full expert, and the base is untouched after remove()."""
+    base_dir, adapter_dirs, merged_dirs = checkpoints
+    base = load_model(base_dir)
+    group = LoRAGroup(base, adapter_dirs, base_path=base_dir)
+    experts = [load_model(d) for d in merged_dirs] + [load_model(base_dir)]
+    chunks = prompts() * 3
+    row_adapters = [0, 0, 1, 1, -1, -1]
+    decoder = PagedDecoder(base.config, len(chunks), 32)
+    logits = decoder.step(group_forward(group, row_adapters), chunks, is_prefill=True)
+    for row, adapter in enumerate(row_adapters):
+        expert = experts[adapter]
+        expected = PagedDecoder(base.config, 1, 32).step(lambda *a, m=expert: m.compute_logits(m(*a)),
+                                                         [chunks[row]], is_prefill=True)
+        torch.testing.assert_close(logits[row], expected[0], atol=2e-5, rtol=1e-5)
+    group.remove()
+    plain = PagedDecoder(base.config, 1, 32).step(lambda *a: base.compute_logits(base(*a)), [chunks[0]], True)
+    expected = PagedDecoder(base.config, 1, 32).step(lambda *a: experts[-1].compute_logits(experts[-1](*a)),
+                                                     [chunks[0]], True)
+    torch.testing.assert_close(plain, expected, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_greedy_decode_matches_peft_merge_and_unload(checkpoints):
+    """Each adapter expert, decoding in one batch with the others over its own KV blocks, gives the same
+    greedy tokens as transformers' generate on peft's merge_and_unload of that adapter."""
+    base_dir, adapter_dirs, _ = checkpoints
+    group = LoRAGroup(load_model(base_dir), adapter_dirs, base_path=base_dir)
+    chunks = prompts() * 2
+    row_adapters = [0, 0, 1, 1]
+    decoder = PagedDecoder(group.base.config, len(chunks), 9 + NEW_TOKENS)
+    tokens = decoder.greedy(group_forward(group, row_adapters), chunks, NEW_TOKENS)
+    for adapter, adapter_dir in enumerate(adapter_dirs):
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+        reference = reference.merge_and_unload().eval()
+        for row in (r for r, a in enumerate(row_adapters) if a == adapter):
+            prompt = chunks[row][None]
+            expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                          max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+            assert tokens[row].tolist() == expected[0, prompt.shape[1]:].tolist()
+
+
+def test_scaling_folds_alpha_and_rslora(checkpoints):
+    _, adapter_dirs, _ = checkpoints
+    assert load_adapter(adapter_dirs[0]).scaling == 8 / 4
+    assert load_adapter(adapter_dirs[1]).scaling == pytest.approx(16 / 8**0.5)
+
+
+def edited_adapter(source, out_dir, **changes):
+    """A copy of the adapter `source` with `changes` written into its adapter_config.json."""
+    out_dir.mkdir()
+    config = json.loads((source / "adapter_config.json").read_text())
+    (out_dir / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    (out_dir / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    return out_dir
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "lora_only"}, "bias"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
+    ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+    ({"peft_type": "IA3"}, "peft_type"),
+    ({"r": 0}, "r must be"),
+])
+def test_unsupported_adapter_features_are_refused(checkpoints, tmp_path, changes, message):
+    base_dir, adapter_dirs, _ = checkpoints
+    adapter = edited_adapter(adapter_dirs[0], tmp_path / "edited", **changes)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(adapter, base_path=base_dir)
+
+
+def test_adapter_of_another_base_is_refused(checkpoints, tmp_path):
+    base_dir, adapter_dirs, _ = checkpoints
+    other = make_tiny_checkpoint(tmp_path / "other", "llama", seed=4)  # same shapes, other weights
+    adapter = edited_adapter(adapter_dirs[0], tmp_path / "edited", base_model_name_or_path=str(other))
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        load_adapter(adapter, base_path=base_dir)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in base_dir.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    assert load_adapter(adapter_dirs[0], base_path=copy).weights  # a copy of the base is the same base
+
+
+def test_adapter_that_does_not_fit_the_base_is_refused(checkpoints, tmp_path):
+    base_dir, _, _ = checkpoints
+    wide = make_tiny_checkpoint(tmp_path / "wide", "llama", intermediate_size=96)
+    adapter = save_adapter(wide, tmp_path / "adapter", seed=0, r=2, target_modules=["down_proj"])
+    with pytest.raises(ValueError, match="do not fit"):
+        LoRAGroup(load_model(base_dir), [adapter])
+
+
+def test_weights_of_unsupported_modules_and_missing_files_are_refused(checkpoints, tmp_path):
+    base_dir, adapter_dirs, _ = checkpoints
+    head = save_adapter(base_dir, tmp_path / "head", seed=0, r=2, target_modules=["q_proj"])
+    factors = load_file(head / "adapter_model.safetensors")
+    factors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(2, 64)
+    save_file(factors, head / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lm_head"):
+        load_adapter(head)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tmp_path)
+    (head / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        load_adapter(head)
+
+
+def test_bad_adapter_index_is_refused(checkpoints):
+    base_dir, adapter_dirs, _ = checkpoints
+    group = LoRAGroup(load_model(base_dir), adapter_dirs)
+    ids = torch.tensor([1, 5, 9])
+    ctx = AttentionContext(is_prefill=True, cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="adapter_index"):
+        group(ids, torch.arange(3), ctx, None, torch.tensor([0, 2, 0]))
+    with pytest.raises(ValueError, match="adapter_index"):
+        group(ids, torch.arange(3), ctx, None, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="adapters"):
+        LoRAGroup(group.base, [])
