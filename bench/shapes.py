@@ -99,3 +99,35 @@ def make_random_checkpoint(directory: str | Path, shape: str | Shape, arch: str 
     _tokenizer(shape.vocab_size).save_pretrained(directory)
     stamp_file.write_text(json.dumps(stamp))
     return directory
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_random_adapter(directory: str | Path, base_dir: str | Path, shape: str | Shape, rank: int = 16,
+                        seed: int = 0) -> Path:
+    """Write a random PEFT LoRA adapter of a `shape` base: all seven projections, `rank`, alpha = 2 * rank."""
+    from safetensors.torch import save_file
+
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+    dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer in range(shape.num_hidden_layers):
+        for module in LORA_TARGETS:
+            fan_in, fan_out = dims[module]
+            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            factors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+            factors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(factors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+              "bias": "none", "base_model_name_or_path": str(base_dir), "task_type": "CAUSAL_LM"}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
