@@ -206,6 +206,12 @@ def stack_adapters(linear: nn.Linear, shards: tuple[str, ...], layer: int,
     return StackedLoRA(a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
 
 
+def projection(model: CausalLM, layer: int, fused: str) -> nn.Linear:
+    """Our (possibly fused) linear layer `fused` of decoder layer `layer`."""
+    block = model.model.layers[layer]
+    return getattr(block.self_attn if fused in ("qkv_proj", "o_proj") else block.mlp, fused)
+
+
 def add_lora_delta(out: Tensor, x: Tensor, lora: StackedLoRA, rows: AdapterRows) -> None:
     """out[rows of adapter l] += x[those rows] @ a[l].T @ b[l].T, for every adapter of the step."""
     for adapter, start, end in rows.segments:
@@ -235,9 +241,9 @@ class LoRAGroup(nn.Module):
         self._rows: AdapterRows | None = None
         self._hooks = []
         self.stacks: dict[tuple[int, str], StackedLoRA] = {}
-        for i, layer in enumerate(layers):
+        for i in range(len(layers)):
             for fused, shards in FUSED_SHARDS.items():
-                linear = getattr(layer.self_attn if fused in ("qkv_proj", "o_proj") else layer.mlp, fused)
+                linear = projection(base, i, fused)
                 stacked = stack_adapters(linear, shards, i, self.adapters)
                 if stacked is not None:
                     self.stacks[(i, fused)] = stacked
@@ -269,6 +275,17 @@ class LoRAGroup(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.base.compute_logits(hidden)
+
+    @torch.no_grad()
+    def merge_into(self, model: CausalLM, mix: list[float]) -> None:
+        """Add sum_l mix[l] * B_l A_l into `model`'s weights (a model of the base's shape): with a one-hot
+        `mix` the adapter merged into the base, with uniform `mix` the Personalized Soups average."""
+        if len(mix) != len(self.adapters):
+            raise ValueError(f"mix must hold one coefficient per adapter ({len(self.adapters)}), "
+                             f"got {len(mix)}")
+        for (layer, fused), lora in self.stacks.items():
+            coefficients = torch.tensor(mix, dtype=lora.b.dtype, device=lora.b.device)[:, None, None]
+            projection(model, layer, fused).weight += ((lora.b * coefficients) @ lora.a).sum(0)
 
     def remove(self) -> None:
         """Detach the adapters: the base model computes the plain base again."""

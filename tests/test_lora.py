@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_tiny_checkpoint
 from mope.engine.context import AttentionContext
-from mope.engine.loader import load_model
+from mope.engine.loader import checkpoint_targets, load_model
 from mope.engine.lora import LoRAGroup, load_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -150,6 +150,23 @@ def test_greedy_decode_matches_peft_merge_and_unload(checkpoints):
             expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                           max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
             assert tokens[row].tolist() == expected[0, prompt.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def test_merge_into_equals_merged_checkpoints(checkpoints):
+    """merge_into with a one-hot mix is the hand-merged checkpoint; a uniform mix is the average of both."""
+    base_dir, adapter_dirs, merged_dirs = checkpoints
+    group = LoRAGroup(load_model(base_dir), adapter_dirs)
+    merged = [checkpoint_targets(load_model(d)) for d in merged_dirs]
+    base = checkpoint_targets(load_model(base_dir))
+    for mix, expected in (([1.0, 0.0], merged[0]), ([0.0, 1.0], merged[1]),
+                          ([0.5, 0.5], {n: (merged[0][n] + merged[1][n]) / 2 for n in base})):
+        model = load_model(base_dir)
+        group.merge_into(model, mix)
+        for name, weight in checkpoint_targets(model).items():
+            torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="mix"):
+        group.merge_into(model, [1.0])
 
 
 def test_scaling_folds_alpha_and_rslora(checkpoints):
