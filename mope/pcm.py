@@ -65,11 +65,15 @@ class PCM(nn.Module):
     def fresh(cls, tokenizer_path: str | Path, n_experts: int, device: str = "cpu",
               dtype: torch.dtype = torch.float32, seed: int = 0, registry: PreferenceRegistry | None = None,
               expert_names: Sequence[str] | None = None, **llama_overrides) -> PCM:
-        """A randomly initialised Llama backbone (FRESH_BACKBONE, overridable) with the given tokenizer."""
+        """A randomly initialised Llama backbone (FRESH_BACKBONE, overridable) with the tokenizer (and the
+        vocab_size) of ``tokenizer_path``, typically an expert's directory."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
         tokenizer = load_tokenizer(tokenizer_path)
-        settings = dict(FRESH_BACKBONE, architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer),
+        # the experts' vocab_size (their embeddings may be padded past the tokenizer's size)
+        has_config = (Path(tokenizer_path) / "config.json").is_file()
+        vocab = ModelConfig.from_pretrained(tokenizer_path).vocab_size if has_config else len(tokenizer)
+        settings = dict(FRESH_BACKBONE, architectures=["LlamaForCausalLM"], vocab_size=vocab,
                         bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         hf_config = LlamaConfig(**{**settings, **llama_overrides})
