@@ -1,0 +1,135 @@
+"""paged_decode_attention: every backend against the torch reference and an independent dense attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mope.kernels.paged_attention import paged_decode_attention
+
+BACKENDS = ["torch", "cpu", "triton"]
+TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make_case(
+    context_lens,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    block_size=16,
+    dtype=torch.float32,
+    interleaved=True,
+    seed=0,
+    q_scale=1.0,
+):
+    """Random per-sequence K/V scattered into shuffled cache blocks; padding block-table entries are -1.
+    With `interleaved`, k and v are strided views of one pool (num_blocks, 2, block_size, Hkv, D)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(context_lens)
+    blocks_per_seq = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if interleaved:
+        pool = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+        k_cache, v_cache = pool[:, 0], pool[:, 1]
+    else:
+        k_cache, v_cache = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    block_tables = torch.full((batch, max(blocks_per_seq) + 1), -1, dtype=torch.int32)
+    keys, values = [], []
+    for b, n in enumerate(context_lens):
+        ids = [order.pop() for _ in range(blocks_per_seq[b])]
+        block_tables[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        keys.append(torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype))
+        values.append(torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype))
+        for t in range(n):
+            k_cache[ids[t // block_size], t % block_size] = keys[-1][t]
+            v_cache[ids[t // block_size], t % block_size] = values[-1][t]
+    # q as a strided view of a wider projection output, as the model hands it over
+    qkv = torch.randn(batch, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype) * q_scale
+    q = qkv[:, :num_heads]
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    return (q, k_cache, v_cache, block_tables, lens), keys, values
+
+
+def dense_attention(q, keys, values, scale):
+    """Independent reference: SDPA over each sequence's contiguous K/V, in float64."""
+    out = []
+    for b in range(q.shape[0]):
+        k, v = keys[b].double().transpose(0, 1), values[b].double().transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[b, :, None].double(), k, v, scale=scale, enable_gqa=True)
+        out.append(o[:, 0])
+    return torch.stack(out)
+
+
+CASES = {
+    "gqa-ragged": dict(context_lens=[1, 17, 16, 40, 5]),
+    "mqa-odd-block": dict(context_lens=[9, 3, 26], num_heads=4, num_kv_heads=1, block_size=5),
+    "mha-contiguous": dict(context_lens=[33, 2], num_heads=2, num_kv_heads=2, interleaved=False),
+    "long-peaked-scores": dict(context_lens=[300, 129], head_dim=32, q_scale=8.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_match_dense_attention_and_reference(backend, case):
+    args, keys, values = make_case(**CASES[case])
+    scale = args[0].shape[-1] ** -0.5
+    out = paged_decode_attention(*args, scale=scale, backend=backend)
+    assert out.shape == args[0].shape and out.dtype == args[0].dtype
+    torch.testing.assert_close(
+        out.double(), dense_attention(args[0], keys, values, scale), atol=2e-5, rtol=1e-5
+    )
+    if backend != "torch":
+        reference = paged_decode_attention(*args, scale=scale, backend="torch")
+        torch.testing.assert_close(out, reference, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bfloat16(backend):
+    args, keys, values = make_case([7, 20, 1], dtype=torch.bfloat16)
+    out = paged_decode_attention(*args, scale=0.25, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.double(), dense_attention(args[0], keys, values, 0.25), **TOLERANCES[torch.bfloat16]
+    )
+
+
+def test_auto_is_cpu_on_cpu():
+    args, _, _ = make_case([12, 4])
+    assert torch.equal(
+        paged_decode_attention(*args, scale=0.3), paged_decode_attention(*args, scale=0.3, backend="cpu")
+    )
+
+
+def bad_inputs():
+    (q, k, v, tables, lens), _, _ = make_case([5, 20])
+    return {
+        "q must be a": dict(q=q[0]),
+        "q must be float32": dict(q=q.to(torch.int32)),
+        "k_cache must be": dict(k_cache=k[..., :8]),
+        "multiple of k_cache's 2 kv heads": dict(q=q[:, :3]),
+        "v_cache must have": dict(v_cache=v[:, :8]),
+        "v_cache must be torch.float32": dict(v_cache=v.double()),
+        "k_cache must be contiguous within a block": dict(
+            k_cache=k.transpose(1, 2).contiguous().transpose(1, 2)
+        ),
+        "block_tables must be int32": dict(block_tables=tables.long()),
+        r"block_tables must be \(B=2": dict(block_tables=tables[:1]),
+        r"context_lens must be \(2,\)": dict(context_lens=lens[:1]),
+        "context_lens must be int32": dict(context_lens=lens.long()),
+        r"context_lens must be in \[1": dict(context_lens=torch.tensor([0, 20], dtype=torch.int32)),
+        "context_lens must be in": dict(context_lens=torch.tensor([5, 64], dtype=torch.int32)),
+        "block ids outside": dict(block_tables=torch.where(tables == tables[1, 1], 999, tables)),
+        "scale must be a positive": dict(scale=0.0),
+        "backend must be one of": dict(backend="cuda"),
+    }
+
+
+@pytest.mark.parametrize("message", list(bad_inputs()))
+def test_bad_inputs_raise_value_error(message):
+    (q, k, v, tables, lens), _, _ = make_case([5, 20])
+    kwargs = dict(
+        q=q, k_cache=k, v_cache=v, block_tables=tables, context_lens=lens, scale=0.25, backend="cpu"
+    )
+    kwargs.update(bad_inputs()[message])
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(**kwargs)
