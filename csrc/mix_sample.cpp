@@ -1,0 +1,549 @@
+// Fused mix-and-sample on CPU (the "cpu" backend of mope.kernels.mix_sample / mix_logprobs).
+//
+// One task per row (at::parallel_for); nothing sorts the vocabulary. Per row, with K_a active experts:
+//   expert pass  per active expert, one blocked pass over its logits: online max and sum of exps
+//                (prob mode also stores the exps, relative to the running max, in a K_a x V scratch)
+//   mixture      q(v) = pi(v) up to a constant, into a V-float row buffer: prob mode rescales the
+//                stored exps per block; logit mode sums w_k (z_k - lse_k) and exponentiates once
+//   top-k/top-p  thresholds by a 3-level radix select on the float bits of q (positive floats order
+//                like their bits): counts for top-k, mass for top-p; ties at a threshold are kept
+//   draw         inverse CDF in vocabulary order over {q >= threshold}, u from the same Philox
+//                stream as kernels/philox.py (tl.rand), so the backends draw the same token
+// Experts with w_k = 0 are never read. Logits of an active expert with NaN or +inf (or all -inf) are
+// reported per row in `bad` (the expert's index, else -1): the validation costs no extra pass.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Runtime-dispatched AVX-512 / AVX2 clones of the hot loops; the build itself stays portable.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HOT_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HOT_LOOP
+#endif
+
+constexpr int64_t kBlock = 1024;  // logits converted to fp32 per block, in L1
+constexpr int64_t kDrawBlock = 256;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kSmallestPositive = std::numeric_limits<float>::denorm_min();
+
+// ---- random numbers: Philox4x32-10, as tl.rand(seed, offset) ----
+
+float philox_uniform(int64_t seed, int64_t offset) {
+  uint32_t c0 = uint32_t(offset), c1 = uint32_t(uint64_t(offset) >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(uint64_t(seed) >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t product_b = uint64_t(0xCD9E8D57u) * c2, product_a = uint64_t(0xD2511F53u) * c0;
+    c0 = uint32_t(product_b >> 32) ^ c1 ^ k0;
+    c2 = uint32_t(product_a >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(product_b);
+    c3 = uint32_t(product_a);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t x = int32_t(c0);
+  if (x < 0) x = ~x;
+  return float(x) * 4.6566127342e-10f;
+}
+
+// ---- vectorisable elementwise math ----
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); 0 below the normal range (x < -87.34, where torch
+// would return a denormal). No libm call, so the loops around it vectorise.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.33654f ? -87.33654f : x;
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float poly = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.33654f ? 0.0f : poly * scale;
+}
+
+inline uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+HOT_LOOP float block_max(const float* x, int64_t n, int* bad) {
+  float m = -kInf;
+  int not_finite = 0;
+#pragma omp simd reduction(max : m) reduction(| : not_finite)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    not_finite |= !(x[i] < kInf);  // NaN or +inf
+  }
+  *bad |= not_finite;
+  return m;
+}
+
+// sum of exp((x - shift) * scale); also stores the terms when out != nullptr
+HOT_LOOP float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out) {
+  float s = 0.0f;
+  if (out == nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += exp_nonpositive((x[i] - shift) * scale);
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = exp_nonpositive((x[i] - shift) * scale);
+      s += out[i];
+    }
+  }
+  return s;
+}
+
+// q (+)= coef * e
+HOT_LOOP void block_axpy(float* q, const float* e, int64_t n, float coef, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] = coef * e[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] += coef * e[i];
+  }
+}
+
+// q (+)= w * (x - shift): the logit mode mixture, w_k log_softmax(z_k)
+HOT_LOOP void block_add_scaled(float* q, const float* x, int64_t n, float w, float shift, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] = w * (x[i] - shift);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] += w * (x[i] - shift);
+  }
+}
+
+HOT_LOOP float max_of(const float* q, int64_t n) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = q[i] > m ? q[i] : m;
+  return m;
+}
+
+// q = exp((q - shift) * scale) in place; returns the sum
+HOT_LOOP double exp_in_place(float* q, int64_t n, float shift, float scale) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    total += block_sum_exp(q + start, len, shift, scale, q + start);
+  }
+  return total;
+}
+
+// sum of q over {q >= threshold}
+HOT_LOOP double kept_sum(const float* q, int64_t n, float threshold) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += q[i] >= threshold ? double(q[i]) : 0.0;
+  return s;
+}
+
+// sum over v of e(v) * (x(v) - shift), skipping e(v) = 0 (where x may be -inf)
+HOT_LOOP double block_weighted_sum(const float* e, const float* x, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += e[i] > 0.0f ? e[i] * (x[i] - shift) : 0.0f;
+  return s;
+}
+
+// ---- loading logits as fp32 blocks ----
+
+template <typename scalar_t>
+const float* load_block(const scalar_t* src, int64_t n, float* buffer) {
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
+  return buffer;
+}
+
+template <>
+const float* load_block<float>(const float* src, int64_t, float*) {
+  return src;
+}
+
+// ---- per expert statistics ----
+
+struct ExpertStats {
+  float max = -kInf;
+  double log_sum_tempered = 0.0;  // log sum exp((z - max) / T)
+  double log_sum_plain = 0.0;     // log sum exp(z - max), when asked for (logit mode)
+  bool bad = false;
+};
+
+// One blocked pass: online max and sums of exps. When `exps` is given, stores exp((z - m_j) / T) where m_j
+// is the running max after block j, and m_j in block_max_out[j] (for the prob mode mixture).
+template <typename scalar_t>
+ExpertStats expert_pass(const scalar_t* z, int64_t vocab, float inv_t, bool want_plain, float* exps,
+                        float* block_max_out, float* buffer) {
+  ExpertStats stats;
+  double sum_t = 0.0, sum_1 = 0.0;
+  int bad = 0;
+  for (int64_t start = 0, j = 0; start < vocab; start += kBlock, ++j) {
+    const int64_t len = std::min(kBlock, vocab - start);
+    const float* x = load_block(z + start, len, buffer);
+    const float m = block_max(x, len, &bad);
+    if (m > stats.max) {  // rescale what was summed against the old max
+      sum_t *= std::exp(double(stats.max - m) * inv_t);
+      sum_1 *= std::exp(double(stats.max - m));
+      stats.max = m;
+    }
+    if (block_max_out != nullptr) block_max_out[j] = stats.max;
+    if (stats.max == -kInf) {  // everything so far is -inf: exps are 0
+      if (exps != nullptr) std::fill(exps + start, exps + start + len, 0.0f);
+      continue;
+    }
+    sum_t += block_sum_exp(x, len, stats.max, inv_t, exps == nullptr ? nullptr : exps + start);
+    if (want_plain) sum_1 += block_sum_exp(x, len, stats.max, 1.0f, nullptr);
+  }
+  stats.bad = bad || stats.max == -kInf || std::isnan(stats.max);
+  stats.log_sum_tempered = std::log(sum_t);
+  stats.log_sum_plain = want_plain ? std::log(sum_1) : stats.log_sum_tempered;
+  return stats;
+}
+
+// ---- truncation: radix select on float bits ----
+
+// Walks bins from the highest: the first bin where the weight above it plus its own reaches `target`
+// (the threshold lies in it), else the lowest non-empty bin. Returns the bin and the weight above it.
+std::pair<int, double> pick_bin(const double* hist, int bins, double above, double target) {
+  int lowest = -1;
+  double above_lowest = above;
+  for (int b = bins - 1; b >= 0; --b) {
+    if (hist[b] == 0.0) continue;
+    if (above + hist[b] >= target) return {b, above};
+    lowest = b;
+    above_lowest = above;
+    above += hist[b];
+  }
+  return {lowest, above_lowest};
+}
+
+// The largest value t among {q >= lower} such that the weight (mass, or count when !by_mass) of the values
+// strictly greater than t is < target while that of the values >= t reaches it; the lowest value when none
+// does. Top-k: by count, target k -> the k-th largest. Top-p: by mass, target top_p * kept mass.
+float radix_select(const float* q, int64_t vocab, float lower, bool by_mass, double target,
+                   std::vector<float>& candidates) {
+  double hist[4096] = {};  // level 1: bits >> 19 (sign 0, 8 exponent and 4 mantissa bits)
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float x = q[v];
+    hist[float_bits(x) >> 19] += x >= lower ? (by_mass ? double(x) : 1.0) : 0.0;
+  }
+  int bin;
+  double above;
+  std::tie(bin, above) = pick_bin(hist, 4096, 0.0, target);
+  uint32_t prefix = uint32_t(bin) << 19;
+  candidates.clear();
+  for (int64_t v = 0; v < vocab; ++v)
+    if (q[v] >= lower && (float_bits(q[v]) >> 19) == uint32_t(bin)) candidates.push_back(q[v]);
+  // levels 2 and 3: the next 10 and the last 9 bits, over the candidates only
+  for (const int shift : {9, 0}) {
+    const uint32_t mask = shift == 9 ? 1023u : 511u;
+    std::fill(hist, hist + mask + 1, 0.0);
+    for (const float x : candidates) hist[(float_bits(x) >> shift) & mask] += by_mass ? x : 1.0;
+    std::tie(bin, above) = pick_bin(hist, int(mask + 1), above, target);
+    prefix |= uint32_t(bin) << shift;
+    const auto outside = [&](float x) { return ((float_bits(x) >> shift) & mask) != uint32_t(bin); };
+    candidates.erase(std::remove_if(candidates.begin(), candidates.end(), outside), candidates.end());
+  }
+  return bits_float(prefix);
+}
+
+// First v, in vocabulary order, whose running sum over {q >= threshold} exceeds u * (their total);
+// the last kept token when rounding leaves none.
+int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, std::vector<double>& block_sums) {
+  const int64_t blocks = (vocab + kDrawBlock - 1) / kDrawBlock;
+  block_sums.resize(blocks);
+  double total = 0.0;
+  for (int64_t j = 0; j < blocks; ++j) {
+    block_sums[j] = kept_sum(q + j * kDrawBlock, std::min(kDrawBlock, vocab - j * kDrawBlock), threshold);
+    total += block_sums[j];
+  }
+  const double target = double(u) * total;
+  double running = 0.0;
+  int64_t j = 0;
+  while (j < blocks && running + block_sums[j] <= target) running += block_sums[j++];
+  for (int64_t v = j * kDrawBlock; v < vocab; ++v) {
+    if (q[v] < threshold) continue;
+    running += q[v];
+    if (running > target) return v;
+  }
+  int64_t last = vocab - 1;
+  while (last > 0 && q[last] < threshold) --last;
+  return last;
+}
+
+int64_t first_argmax(const float* q, int64_t vocab) {
+  const float m = max_of(q, vocab);
+  int64_t v = 0;
+  while (v + 1 < vocab && q[v] != m) ++v;
+  return v;
+}
+
+double log_sum_exp(const std::vector<double>& terms) {
+  double top = -std::numeric_limits<double>::infinity();
+  for (const double t : terms) top = std::max(top, t);
+  if (top == -std::numeric_limits<double>::infinity()) return top;
+  double s = 0.0;
+  for (const double t : terms) s += std::exp(t - top);
+  return top + std::log(s);
+}
+
+// ---- one row ----
+
+struct RowScratch {
+  std::vector<float> buffer = std::vector<float>(kBlock);
+  std::vector<float> q, exps, block_max, candidates;
+  std::vector<double> block_sums, terms;
+  std::vector<ExpertStats> stats;
+  std::vector<int64_t> active;
+};
+
+struct RowInput {
+  int64_t num_experts, vocab, stride_k;
+  const float* weights;  // (K,) of this row
+  float temperature;
+  bool logit_mode;
+};
+
+// Expert passes (and the prob mode exps). Returns the first active expert with bad logits, or -1.
+template <typename scalar_t>
+int64_t expert_passes(const scalar_t* row, const RowInput& in, float inv_t, bool store_exps, RowScratch& s) {
+  const int64_t blocks = (in.vocab + kBlock - 1) / kBlock;
+  s.active.clear();
+  for (int64_t k = 0; k < in.num_experts; ++k)
+    if (in.weights[k] > 0.0f) s.active.push_back(k);
+  s.stats.resize(s.active.size());
+  if (store_exps) {
+    s.exps.resize(s.active.size() * in.vocab);
+    s.block_max.resize(s.active.size() * blocks);
+  }
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    s.stats[a] = expert_pass(row + s.active[a] * in.stride_k, in.vocab, inv_t, in.logit_mode && inv_t != 1.0f,
+                             store_exps ? s.exps.data() + a * in.vocab : nullptr,
+                             store_exps ? s.block_max.data() + a * blocks : nullptr, s.buffer.data());
+    if (s.stats[a].bad) return s.active[a];
+  }
+  return -1;
+}
+
+// log softmax(z_k / T)(token) of active expert a
+template <typename scalar_t>
+double expert_logprob(const scalar_t* row, const RowInput& in, float inv_t, const RowScratch& s, size_t a,
+                      int64_t token) {
+  const float z = static_cast<float>(row[s.active[a] * in.stride_k + token]);
+  return double(z - s.stats[a].max) * inv_t - s.stats[a].log_sum_tempered;
+}
+
+// w_k log_softmax(z_k)(token) summed over active experts: the logit mode mixture logit of a token
+template <typename scalar_t>
+double mixture_logit(const scalar_t* row, const RowInput& in, const RowScratch& s, int64_t token) {
+  double total = 0.0;
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    const float z = static_cast<float>(row[s.active[a] * in.stride_k + token]);
+    total += double(in.weights[s.active[a]]) * (double(z - s.stats[a].max) - s.stats[a].log_sum_plain);
+  }
+  return total;
+}
+
+// Logit mode: q = w-weighted sum of log_softmax(z_k) (one pass per expert); returns its max.
+template <typename scalar_t>
+float logit_mixture(const scalar_t* row, const RowInput& in, RowScratch& s) {
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    const scalar_t* z = row + s.active[a] * in.stride_k;
+    const float shift = float(double(s.stats[a].max) + s.stats[a].log_sum_plain);
+    for (int64_t start = 0; start < in.vocab; start += kBlock) {
+      const int64_t len = std::min(kBlock, in.vocab - start);
+      block_add_scaled(s.q.data() + start, load_block(z + start, len, s.buffer.data()), len,
+                       in.weights[s.active[a]], shift, a == 0);
+    }
+  }
+  return max_of(s.q.data(), in.vocab);
+}
+
+// Prob mode: q = sum_k w_k softmax(z_k / T), from the stored exps rescaled per block.
+void prob_mixture(const RowInput& in, float inv_t, RowScratch& s) {
+  const int64_t blocks = (in.vocab + kBlock - 1) / kBlock;
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    const double log_w = std::log(double(in.weights[s.active[a]])) - s.stats[a].log_sum_tempered;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t start = j * kBlock, len = std::min(kBlock, in.vocab - start);
+      const double shift = double(s.block_max[a * blocks + j] - s.stats[a].max) * inv_t;
+      block_axpy(s.q.data() + start, s.exps.data() + a * in.vocab + start, len, float(std::exp(log_w + shift)),
+                 a == 0);
+    }
+  }
+}
+
+struct SampleOut {
+  int64_t* tokens;
+  float* logprobs;
+  float* expert_logprobs;
+  int64_t* bad;
+};
+
+template <typename scalar_t>
+void sample_row(const scalar_t* row, const RowInput& in, float top_p, int64_t top_k, float u, int64_t b,
+                const SampleOut& out, RowScratch& s) {
+  const bool greedy = !(in.temperature > 0.0f);
+  const float inv_t = greedy ? 1.0f : 1.0f / in.temperature;
+  out.bad[b] = expert_passes(row, in, inv_t, !in.logit_mode, s);
+  if (out.bad[b] >= 0) return;
+  s.q.resize(in.vocab);
+  double log_total = 0.0;  // log of sum of q (prob mode: q is normalised)
+  float q_max = 0.0f;
+  if (in.logit_mode) {
+    q_max = logit_mixture(row, in, s);
+    log_total = std::log(exp_in_place(s.q.data(), in.vocab, q_max, inv_t));
+  } else {
+    prob_mixture(in, inv_t, s);
+  }
+  int64_t token;
+  if (greedy) {
+    token = first_argmax(s.q.data(), in.vocab);
+  } else {
+    float threshold = kSmallestPositive;
+    if (top_k > 0 && top_k < in.vocab)
+      threshold = radix_select(s.q.data(), in.vocab, threshold, false, double(top_k), s.candidates);
+    if (top_p < 1.0f) {
+      const double kept_mass = kept_sum(s.q.data(), in.vocab, threshold);
+      threshold = radix_select(s.q.data(), in.vocab, threshold, true, double(top_p) * kept_mass, s.candidates);
+    }
+    token = inverse_cdf(s.q.data(), in.vocab, threshold, u, s.block_sums);
+  }
+  out.tokens[b] = token;
+  s.terms.clear();
+  for (int64_t k = 0; k < in.num_experts; ++k) out.expert_logprobs[b * in.num_experts + k] = -kInf;
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    const double logp = expert_logprob(row, in, inv_t, s, a, token);
+    out.expert_logprobs[b * in.num_experts + s.active[a]] = float(logp);
+    s.terms.push_back(std::log(double(in.weights[s.active[a]])) + logp);
+  }
+  out.logprobs[b] = in.logit_mode ? float((mixture_logit(row, in, s, token) - q_max) * inv_t - log_total)
+                                  : float(log_sum_exp(s.terms));
+}
+
+// mix_logprobs forward of one row: log pi(token) and its derivatives d log pi(token) / d w_k (0 for w_k = 0).
+template <typename scalar_t>
+void logprob_row(const scalar_t* row, const RowInput& in, int64_t token, int64_t b, float* logprobs,
+                 float* jacobian, int64_t* bad, RowScratch& s) {
+  const float inv_t = in.temperature > 0.0f ? 1.0f / in.temperature : 1.0f;
+  bad[b] = expert_passes(row, in, inv_t, false, s);
+  if (bad[b] >= 0) return;
+  float* d_w = jacobian + b * in.num_experts;
+  std::fill(d_w, d_w + in.num_experts, 0.0f);
+  if (!in.logit_mode) {  // d log pi / d w_k = p_k(token) / pi(token)
+    s.terms.clear();
+    for (size_t a = 0; a < s.active.size(); ++a)
+      s.terms.push_back(expert_logprob(row, in, inv_t, s, a, token));
+    std::vector<double> weighted(s.terms);
+    for (size_t a = 0; a < s.active.size(); ++a) weighted[a] += std::log(double(in.weights[s.active[a]]));
+    const double log_pi = log_sum_exp(weighted);
+    logprobs[b] = float(log_pi);
+    for (size_t a = 0; a < s.active.size(); ++a) d_w[s.active[a]] = float(std::exp(s.terms[a] - log_pi));
+    return;
+  }
+  // logit mode: d log pi(token) / d w_k = (l_k(token) - E_pi[l_k]) / T, l_k = log_softmax(z_k)
+  s.q.resize(in.vocab);
+  const float q_max = logit_mixture(row, in, s);
+  const double total = exp_in_place(s.q.data(), in.vocab, q_max, inv_t);
+  logprobs[b] = float((mixture_logit(row, in, s, token) - q_max) * inv_t - std::log(total));
+  for (size_t a = 0; a < s.active.size(); ++a) {
+    const scalar_t* z = row + s.active[a] * in.stride_k;
+    const float shift = float(double(s.stats[a].max) + s.stats[a].log_sum_plain);
+    double expected = 0.0;
+    for (int64_t start = 0; start < in.vocab; start += kBlock) {
+      const int64_t len = std::min(kBlock, in.vocab - start);
+      expected += block_weighted_sum(s.q.data() + start, load_block(z + start, len, s.buffer.data()), len, shift);
+    }
+    const double l_token = double(static_cast<float>(z[token]) - s.stats[a].max) - s.stats[a].log_sum_plain;
+    d_w[s.active[a]] = float((l_token - expected / total) * inv_t);
+  }
+}
+
+void check_row_args(const at::Tensor& logits, const at::Tensor& weights, const at::Tensor& temperature) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be (K, B, V) with a contiguous last dim");
+  TORCH_CHECK(weights.is_contiguous() && weights.scalar_type() == at::kFloat, "weights must be contiguous fp32");
+  TORCH_CHECK(temperature.is_contiguous() && temperature.scalar_type() == at::kFloat, "temperature must be fp32");
+}
+
+}  // namespace
+
+// Returns (tokens int64 (B,), logprobs fp32 (B,), expert_logprobs fp32 (B, K), bad int64 (B,)).
+std::vector<at::Tensor> mix_sample(const at::Tensor& logits, const at::Tensor& weights, const at::Tensor& temperature,
+                                   const at::Tensor& top_p, const at::Tensor& top_k, const at::Tensor& seed,
+                                   const at::Tensor& offset, bool logit_mode) {
+  check_row_args(logits, weights, temperature);
+  const int64_t num_experts = logits.size(0), batch = logits.size(1), vocab = logits.size(2);
+  auto tokens = at::empty({batch}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({batch}, logits.options().dtype(at::kFloat));
+  auto expert_logprobs = at::empty({batch, num_experts}, logits.options().dtype(at::kFloat));
+  auto bad = at::empty({batch}, logits.options().dtype(at::kLong));
+  const SampleOut out{tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), expert_logprobs.data_ptr<float>(),
+                      bad.data_ptr<int64_t>()};
+  const float *w = weights.data_ptr<float>(), *t = temperature.data_ptr<float>(), *p = top_p.data_ptr<float>();
+  const int64_t *k = top_k.data_ptr<int64_t>(), *seeds = seed.data_ptr<int64_t>(), *offsets = offset.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mix_sample", [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      RowScratch scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        const RowInput in{num_experts, vocab, logits.stride(0), w + b * num_experts, t[b], logit_mode};
+        sample_row(base + b * logits.stride(1), in, p[b], k[b], philox_uniform(seeds[b], offsets[b]), b, out,
+                   scratch);
+      }
+    });
+  });
+  return {tokens, logprobs, expert_logprobs, bad};
+}
+
+// Returns (logprobs fp32 (N,), d logprobs / d weights fp32 (N, K), bad int64 (N,)).
+std::vector<at::Tensor> mix_logprobs(const at::Tensor& logits, const at::Tensor& weights, const at::Tensor& tokens,
+                                     const at::Tensor& temperature, bool logit_mode) {
+  check_row_args(logits, weights, temperature);
+  const int64_t num_experts = logits.size(0), batch = logits.size(1), vocab = logits.size(2);
+  auto logprobs = at::empty({batch}, logits.options().dtype(at::kFloat));
+  auto jacobian = at::empty({batch, num_experts}, logits.options().dtype(at::kFloat));
+  auto bad = at::empty({batch}, logits.options().dtype(at::kLong));
+  const float *w = weights.data_ptr<float>(), *t = temperature.data_ptr<float>();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mix_logprobs", [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      RowScratch scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        const RowInput in{num_experts, vocab, logits.stride(0), w + b * num_experts, t[b], logit_mode};
+        logprob_row(base + b * logits.stride(1), in, tok[b], b, logprobs.data_ptr<float>(),
+                    jacobian.data_ptr<float>(), bad.data_ptr<int64_t>(), scratch);
+      }
+    });
+  });
+  return {logprobs, jacobian, bad};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mix_sample", &mix_sample, "fused mixture of experts' distributions, truncation and draw (CPU)");
+  m.def("mix_logprobs", &mix_logprobs, "log pi(token) and d log pi(token) / d weights (CPU)");
+}
