@@ -1,0 +1,153 @@
+"""One engine step: each model forwards the rows that use it, the weights are decided, `mix_sample` draws."""
+
+from __future__ import annotations
+
+import torch
+from mope.engine.context import AttentionContext
+from mope.engine.kv_pool import KVPool
+from mope.engine.model import CausalLM
+from mope.engine.scheduler import StepResult
+from mope.engine.sequence import Sequence, Track, row_seed
+from mope.engine.weight_provider import WeightProvider, check_simplex
+from mope.kernels import mix_sample
+from torch import Tensor
+
+
+class ModelRunner:
+    """Runs `models` (the K experts, then the provider's model if any) over the shared KV pool."""
+
+    def __init__(self, models: list[CausalLM], num_experts: int, pool: KVPool, block_size: int,
+                 provider: WeightProvider | None, mix_mode: str):
+        self.models = models
+        self.num_experts = num_experts
+        self.pool = pool
+        self.block_size = block_size
+        self.provider = provider
+        self.provider_name = f"weight provider {type(provider).__name__}"
+        self.mix_mode = mix_mode
+        self.device = pool.buffer.device
+        # Reused (K, rows, V) logits; rows of experts a request does not use are never read (weight 0).
+        self.logits = torch.zeros(num_experts, 0, models[0].config.vocab_size, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> StepResult:
+        """Forward every model over its rows, mix and sample; one result row per sample (see StepResult)."""
+        batch = len(seqs)
+        if self.logits.shape[1] < batch:
+            self.logits = torch.zeros(self.num_experts, batch, self.logits.shape[2], device=self.device)
+        logits = self.logits[:, :batch]
+        provider_hidden = None
+        for model, entries in self._rows_per_model(seqs).items():
+            rows = torch.tensor([row for row, _ in entries], device=self.device)
+            hidden = self._forward(model, [(seqs[row], track) for row, track in entries], is_prefill)
+            if model < self.num_experts:
+                logits[model].index_copy_(0, rows, self.models[model].compute_logits(hidden))
+            else:
+                provider_hidden = hidden
+        weights = self._weights(seqs, provider_hidden)
+
+        samples = [(seq, j) for seq in seqs for j in range(seq.num_samples)]
+        if len(samples) > batch:  # a prefill of a request with n > 1: each sample draws from its logits
+            index = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_samples)],
+                                 device=self.device)
+            logits, weights = logits.index_select(1, index), weights.index_select(0, index)
+        params = [seq.sampling for seq, _ in samples]
+        seeds = [seq.seed if j == 0 else row_seed(seq.sampling.seed, seq.request, j) for seq, j in samples]
+        drawn = mix_sample(
+            logits, weights,
+            temperature=self._tensor([p.temperature for p in params], torch.float32),
+            top_p=self._tensor([p.top_p for p in params], torch.float32),
+            top_k=self._tensor([p.top_k for p in params], torch.int64),
+            seed=self._tensor(seeds, torch.int64),
+            offset=self._tensor([len(seq.completion_ids) for seq, _ in samples], torch.int64),
+            mode=self.mix_mode,
+        )
+        return StepResult(drawn.tokens.tolist(), drawn.logprobs.tolist(), drawn.expert_logprobs.tolist(),
+                          weights.tolist())
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _rows_per_model(self, seqs: list[Sequence]) -> dict[int, list[tuple[int, Track]]]:
+        rows: dict[int, list[tuple[int, Track]]] = {}
+        for row, seq in enumerate(seqs):
+            for track in seq.tracks:
+                rows.setdefault(track.model, []).append((row, track))
+        return rows
+
+    def _forward(self, model: int, entries: list[tuple[Sequence, Track]], is_prefill: bool) -> Tensor:
+        """Run one model over its rows' new tokens; the hidden state (rows, hidden) at each row's last one."""
+        bs = self.block_size
+        input_ids, positions, slots, context_lens, cu_seqlens = [], [], [], [], [0]
+        for seq, track in entries:
+            num_tokens = seq.num_tokens(track)
+            start = track.num_cached_tokens if is_prefill else num_tokens - 1
+            input_ids += seq.token_ids(track, start, num_tokens) if is_prefill else [seq.last_token()]
+            positions += range(start, num_tokens)
+            table = track.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, num_tokens)]
+            context_lens.append(num_tokens)
+            cu_seqlens.append(cu_seqlens[-1] + num_tokens - start)
+        width = max(len(track.block_table) for _, track in entries)
+        block_tables = [track.block_table + [0] * (width - len(track.block_table)) for _, track in entries]
+        tensor = self._tensor
+        ctx = AttentionContext(
+            is_prefill=is_prefill,
+            cu_seqlens_q=tensor(cu_seqlens, torch.int32) if is_prefill else None,
+            context_lens=tensor(context_lens, torch.int32),
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(block_tables, torch.int32),
+        )
+        hidden = self.models[model](tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx,
+                                    self.pool.views[model])
+        if not is_prefill:
+            return hidden
+        return hidden.index_select(0, tensor(cu_seqlens[1:], torch.int64) - 1)
+
+    def _weights(self, seqs: list[Sequence], provider_hidden: Tensor | None) -> Tensor:
+        """(B, K) fp32: the fixed weights of each row, or what the provider decides for it now."""
+        if all(seq.weights is not None for seq in seqs):
+            return torch.tensor([seq.weights for seq in seqs], dtype=torch.float32, device=self.device)
+        if any(seq.weights is not None for seq in seqs):
+            raise ValueError("a step mixes requests with fixed weights and requests given by preference")
+        active = torch.tensor([seq.active for seq in seqs], dtype=torch.bool, device=self.device)
+        weights = self.provider.weights(provider_hidden, active)
+        check_simplex(weights, active, self.provider_name)
+        return weights.to(torch.float32)
+
+    @torch.inference_mode()
+    def score(self, requests: list[tuple[list[int], list[int]]], max_batched_tokens: int) -> list[Tensor]:
+        """Teacher-forced log-probs (T_i, K) of every expert for each (prompt ids, response ids), in batched
+        prefill passes that keep no cache."""
+        scores: list[Tensor] = []
+        batch: list[tuple[list[int], list[int]]] = []
+        for request in requests:
+            if batch and sum(len(p) + len(r) for p, r in batch) + len(request[0]) + len(request[1]) \
+                    > max_batched_tokens:
+                scores += self._score_batch(batch)
+                batch = []
+            batch.append(request)
+        return scores + self._score_batch(batch) if batch else scores
+
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[Tensor]:
+        input_ids, positions, cu_seqlens, targets, predictors = [], [], [0], [], []
+        for prompt, response in batch:
+            start = cu_seqlens[-1]
+            input_ids += prompt + response
+            positions += range(len(prompt) + len(response))
+            cu_seqlens.append(start + len(prompt) + len(response))
+            predictors += range(start + len(prompt) - 1, start + len(prompt) + len(response) - 1)
+            targets += response
+        ctx = AttentionContext(is_prefill=True,
+                               cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device))
+        ids = torch.tensor(input_ids, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        predictors = torch.tensor(predictors, dtype=torch.int64, device=self.device)
+        targets = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        per_expert = []
+        for model in self.models[:self.num_experts]:
+            hidden = model(ids, pos, ctx, None).index_select(0, predictors)
+            logprobs = torch.log_softmax(model.compute_logits(hidden), dim=-1)
+            per_expert.append(logprobs.gather(1, targets[:, None])[:, 0])
+        lengths = [len(response) for _, response in batch]
+        return list(torch.stack(per_expert, dim=1).split(lengths))
