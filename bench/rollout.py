@@ -1,0 +1,241 @@
+"""Rollout benchmark, providers side by side in one run (interleaved A B A B, medians after a warm-up).
+
+Rollout (issue 3): `ours` (mope.engine.Engine) against `hf-loop` (bench/baselines/hf_loop.py), K experts
+plus a PCM of the same shape, B prompts, `--new-tokens` with ignore_eos. Reports tokens/s, the ratio, and
+our step time against the sum of the bare CausalLM forwards of the same batch (the engine's own
+overhead: mixing, sampling, scheduling), each beside its floor.
+
+LoRA experts (issue 5), at the model level: one decode step of K experts' B rows each, as
+`lora-experts` (one base forward of all K*B rows + each adapter's delta), `full-experts` (K models),
+`merged-single` (one model with the adapters averaged: B rows).
+
+    python bench/rollout.py                 # llama-160m, B in 1 8 32 (rollout) and 1 4 32 (LoRA)
+    python bench/rollout.py --smoke         # tiny shape, a few tokens: a fast check that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.baselines.hf_loop import LoopPCM, hf_rollout  # noqa: E402
+from bench.shapes import SHAPES, Shape, make_random_adapter, make_random_checkpoint  # noqa: E402
+
+# This machine, measured (DESIGN.md): fp32 matmul on 2 threads, and memory read bandwidth.
+PEAK_FLOPS = 330e9
+READ_BYTES_PER_S = 28e9
+PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and the wind.",
+           "How do I sort a list in Python?", "Give three tips for a job interview.",
+           "What is the capital of France, and why?", "Summarise the plot of Hamlet in two lines."]
+PCM_SEED = 100
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of each fn, run interleaved (A B A B ...) after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def matmul_params(shape: Shape, logits: bool = True) -> int:
+    """Weights a token's forward multiplies by: all but the embedding table (and the head if not `logits`)."""
+    embedding = shape.vocab_size * shape.hidden_size
+    return shape.num_params() - embedding - (0 if logits else embedding)
+
+
+def floor_ms(flops: float, bytes_read: float) -> float:
+    """The larger of the arithmetic and the weight-reading time, in ms."""
+    return 1e3 * max(flops / PEAK_FLOPS, bytes_read / READ_BYTES_PER_S)
+
+
+class DecodeStep:
+    """One decode step of `batch` sequences, each `context_len` tokens deep, over a random paged cache."""
+
+    def __init__(self, shape: Shape, batch: int, context_len: int, dtype: torch.dtype, device: str,
+                 block_size: int = 16):
+        from mope.engine.context import AttentionContext
+
+        head_dim = shape.hidden_size // shape.num_attention_heads
+        per_seq = -(-context_len // block_size)
+        cache_shape = (batch * per_seq, block_size, shape.num_key_value_heads, head_dim)
+        self.kv_cache = [(torch.randn(cache_shape, dtype=dtype, device=device),
+                          torch.randn(cache_shape, dtype=dtype, device=device))
+                         for _ in range(shape.num_hidden_layers)]
+        tables = torch.arange(batch * per_seq, device=device).view(batch, per_seq)
+        last = context_len - 1
+        lens = torch.full((batch,), context_len, dtype=torch.int32, device=device)
+        slots = tables[:, last // block_size] * block_size + last % block_size
+        self.ctx = AttentionContext(is_prefill=False, context_lens=lens, block_tables=tables.int(),
+                                    slot_mapping=slots)
+        self.input_ids = torch.randint(3, shape.vocab_size, (batch,), device=device)
+        self.positions = torch.full((batch,), last, device=device)
+
+    def run(self, model, logits: bool = True, **kwargs):
+        hidden = model(self.input_ids, self.positions, self.ctx, self.kv_cache, **kwargs)
+        return model.compute_logits(hidden) if logits else hidden
+
+
+class BenchPCM:
+    """The engine's weight provider here: our CausalLM of the PCM checkpoint + the HF loop's own head, reading
+    the prompt itself, every expert active (the same computation as `LoopPCM`)."""
+
+    def __init__(self, model, head: torch.nn.Linear, tokenizer, num_experts: int):
+        self.model, self.head, self.tokenizer, self.num_experts = model, head, tokenizer, num_experts
+
+    def prepare(self, prompt: str, preference: str) -> tuple[list[int], list[bool]]:
+        return self.tokenizer.encode(prompt), [True] * self.num_experts
+
+    def weights(self, hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float().masked_fill(~active, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
+def checkpoints(cache: Path, shape_name: str, num_experts: int) -> tuple[list[Path], Path]:
+    experts = [make_random_checkpoint(cache / shape_name / f"expert{i}", shape_name, seed=i)
+               for i in range(num_experts)]
+    return experts, make_random_checkpoint(cache / shape_name / "pcm", shape_name, seed=PCM_SEED)
+
+
+@torch.inference_mode()
+def rollout_table(args, shape_name: str, cache: Path) -> list[str]:
+    from mope.engine.engine import Engine
+    from mope.engine.loader import load_model, load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    shape, k, new = SHAPES[shape_name], args.experts, args.new_tokens
+    dtype = getattr(torch, args.dtype)
+    expert_dirs, pcm_dir = checkpoints(cache, shape_name, k)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(shape.hidden_size, k).to(args.device, dtype)
+    tokenizer = load_tokenizer(pcm_dir)
+    provider = BenchPCM(load_model(pcm_dir, args.device, dtype), head, tokenizer, k)
+    engine = Engine(expert_dirs, pcm=provider, device=args.device, dtype=dtype)
+    hf_models = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(args.device).eval()
+                 for d in [*expert_dirs, pcm_dir]]
+    loop_pcm = LoopPCM(hf_models[-1], head)
+
+    weights = k * matmul_params(shape) + matmul_params(shape, logits=False)
+    lines = ["| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms "
+             "| bare forwards ms | overhead | floor step ms |", "|" + "---|" * 9]
+    for batch in args.batch:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        ids = [tokenizer.encode(p) for p in prompts]
+        # the bare forwards of one decode step mid-rollout: K experts with logits + the PCM without
+        step = DecodeStep(shape, batch, max(map(len, ids)) + new // 2, dtype, args.device)
+        ms = median_ms({"ours": partial(engine_rollout, engine, prompts, new),
+                        "hf-loop": partial(loop_rollout, hf_models[:-1], loop_pcm, ids, new),
+                        "bare": partial(forward_models, step, engine.runner.models, k)}, args.repeats)
+        our_step = ms["ours"] / new
+        floor = floor_ms(2 * batch * weights, 4 * weights)
+        lines.append(f"| {batch} | {batch * new / ms['ours'] * 1e3:.0f} "
+                     f"| {batch * new / ms['hf-loop'] * 1e3:.0f} | {ms['hf-loop'] / ms['ours']:.2f}x "
+                     f"| {batch / floor * 1e3:.0f} | {our_step:.1f} | {ms['bare']:.1f} "
+                     f"| {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
+    return lines
+
+
+def engine_rollout(engine, prompts: list[str], new_tokens: int) -> None:
+    from mope.engine.sampling_params import SamplingParams
+
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=new_tokens, ignore_eos=True)
+    outs = engine.generate(prompts, preferences=["bench"] * len(prompts), sampling=sampling)
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+
+
+def loop_rollout(models, pcm: LoopPCM, ids: list[list[int]], new_tokens: int) -> None:
+    rows = hf_rollout(models, pcm, ids, None, new_tokens, top_p=0.9, temperature=1.0, ignore_eos=True)
+    assert all(len(r) == new_tokens for r in rows)
+
+
+def forward_models(step: DecodeStep, models, num_with_logits: int) -> None:
+    """One decode step of each model; the first `num_with_logits` (the experts) also compute logits."""
+    for i, model in enumerate(models):
+        step.run(model, logits=i < num_with_logits)
+
+
+@torch.inference_mode()
+def lora_table(args, shape_name: str, cache: Path) -> list[str]:
+    from mope.engine.loader import load_model
+    from mope.engine.lora import LoRAGroup
+
+    shape, k, dtype = SHAPES[shape_name], args.experts, getattr(torch, args.dtype)
+    expert_dirs, _ = checkpoints(cache, shape_name, k)
+    base_dir = expert_dirs[0]
+    adapters = [make_random_adapter(cache / shape_name / f"adapter{i}-r{args.rank}", base_dir, shape_name,
+                                    args.rank, seed=i) for i in range(k)]
+    full = [load_model(d, args.device, dtype) for d in expert_dirs]
+    group = LoRAGroup(load_model(base_dir, args.device, dtype), adapters, base_path=base_dir)
+    merged = load_model(base_dir, args.device, dtype)
+    group.merge_into(merged, [1 / k] * k)
+
+    weights = matmul_params(shape)
+    lora_params = sum(s.a[0].numel() + s.b[0].numel() for s in group.stacks.values())
+    lines = ["| B | lora-experts tok/s | full-experts tok/s | merged-single tok/s | lora / full "
+             "| lora / merged | floor tok/s lora / full / merged |", "|" + "---|" * 7]
+    context_len = 96
+    for batch in args.lora_batch:
+        one = DecodeStep(shape, batch, context_len, dtype, args.device)
+        rows = DecodeStep(shape, k * batch, context_len, dtype, args.device)
+        adapter_index = torch.arange(k, device=args.device).repeat_interleave(batch)
+        ms = median_ms({"lora": partial(rows.run, group, adapter_index=adapter_index),
+                        "full": partial(forward_models, one, full, len(full)),
+                        "merged": partial(one.run, merged)}, args.repeats)
+        floors = (floor_ms(2 * k * batch * (weights + lora_params), 4 * (weights + k * lora_params)),
+                  floor_ms(2 * k * batch * weights, 4 * k * weights),
+                  floor_ms(2 * batch * weights, 4 * weights))
+        tok_s = {name: batch / t * 1e3 for name, t in ms.items()}
+        lines.append(f"| {batch} | {tok_s['lora']:.0f} | {tok_s['full']:.0f} | {tok_s['merged']:.0f} "
+                     f"| {tok_s['lora'] / tok_s['full']:.2f}x | {tok_s['lora'] / tok_s['merged']:.2f}x "
+                     f"| {' / '.join(f'{batch / f * 1e3:.0f}' for f in floors)} |")
+    group.remove()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-160m", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="rollout batch sizes")
+    parser.add_argument("--lora-batch", type=int, nargs="+", default=[1, 4, 32], help="LoRA batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["rollout", "lora"], help="run one table")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"),
+                        help="where random checkpoints are written (and reused)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, B=2, 8 tokens, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shape, args.batch, args.lora_batch, args.new_tokens, args.repeats = "tiny", [2], [2], 8, 1
+    for name in ("new_tokens", "experts", "rank", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    print(f"shape {args.shape}, K={args.experts}, {args.dtype} on {args.device}, {torch.get_num_threads()} "
+          f"threads, medians of {args.repeats} interleaved runs")
+    if args.only != "lora":
+        print(f"\nRollout: {args.new_tokens} new tokens, ignore_eos, PCM of the same shape\n")
+        print("\n".join(rollout_table(args, args.shape, args.cache_dir)))
+    if args.only != "rollout":
+        print(f"\nLoRA experts: one decode step, rank {args.rank}, context 96\n")
+        print("\n".join(lora_table(args, args.shape, args.cache_dir)))
+
+
+if __name__ == "__main__":
+    main()
