@@ -21,6 +21,7 @@ class TrainConfig:
     pcm: str | None = None  # a PCM directory to start from (saved PCM, or a HF backbone checkpoint)
     pcm_backbone: dict | None = None  # or a fresh Llama: config overrides (hidden_size, ...), tokenizer
     preferences: list[str] | None = None  # None: every combination of the registry (8 by default)
+    preferences_file: str | None = None  # a preferences.json of your own dimensions (default: packaged)
     reference: str = "uniform"  # "uniform" (greedy, uniform weights, cached) or "field:<name>"
     steps: int = 100
     batch_size: int = 8  # (prompt, preference) pairs per step, two responses each

@@ -21,7 +21,7 @@ from mope.distributed import DistInfo, all_reduce_sum, shard_bounds
 from mope.engine.sampling_params import SamplingParams
 from mope.metrics import MetricsLog, plot_metrics
 from mope.pcm import PCM
-from mope.preferences import Preference
+from mope.preferences import Preference, load_registry
 from mope.rebel import mixture_token_logprobs, rebel_loss, sequence_logprobs
 from mope.rewards import CachedReferences, FieldReferences, build_reward_model, preference_rewards
 
@@ -92,10 +92,12 @@ def build_pcm(config: TrainConfig) -> PCM:
             if pcm.n_experts != k:
                 raise ValueError(f"pcm {path} has {pcm.n_experts} experts, the config lists {k}")
             return pcm
-        return PCM.from_backbone(path, k, config.device, dtype, seed=config.seed)
+    registry = load_registry(config.preferences_file) if config.preferences_file else None
+    if config.pcm is not None:
+        return PCM.from_backbone(config.pcm, k, config.device, dtype, seed=config.seed, registry=registry)
     settings = dict(config.pcm_backbone or {})
     tokenizer = settings.pop("tokenizer", config.experts[0])
-    return PCM.fresh(tokenizer, k, config.device, dtype, seed=config.seed, **settings)
+    return PCM.fresh(tokenizer, k, config.device, dtype, seed=config.seed, registry=registry, **settings)
 
 
 class Trainer:
@@ -206,6 +208,7 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 losses.append(loss.item())
+        self.engine.forget_provider_cache()
         return sum(losses) / len(losses), True
 
     def train_step(self, step: int) -> dict:
@@ -227,8 +230,9 @@ class Trainer:
         return self._metrics(step, rollout, rewards, per_dim, loss, ok, t1 - t0, t3 - t2)
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self) -> list[dict]:
-        """Run steps ``self.step+1 .. config.steps``; metrics JSONL, plot and atomic checkpoints on rank 0."""
+    def train(self, until: int | None = None) -> list[dict]:
+        """Run steps ``self.step+1 .. until`` (default: config.steps); metrics JSONL, plot and atomic
+        checkpoints on rank 0."""
         from tqdm import tqdm
 
         c, main = self.config, self.dist.is_main
@@ -236,7 +240,8 @@ class Trainer:
         if main:
             (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         history = []
-        bar = tqdm(range(self.step + 1, c.steps + 1), disable=not (main and c.progress), desc="REBEL")
+        last = c.steps if until is None else min(until, c.steps)
+        bar = tqdm(range(self.step + 1, last + 1), disable=not (main and c.progress), desc="REBEL")
         for step in bar:
             record = self.train_step(step)
             self.step = step

@@ -1,0 +1,152 @@
+import json
+import math
+from importlib import resources
+
+import pytest
+import torch
+
+from mope.api import Engine
+from mope.config import TrainConfig
+from mope.engine.sampling_params import SamplingParams
+from mope.metrics import read_metrics
+from mope.pcm import PCM
+from mope.preferences import load_registry
+from mope.rewards import RuleScorer
+from mope.trainer import Trainer, lr_factor
+from tests.helpers import make_tiny_checkpoint
+
+# three experts; every dimension is served by one of them, so a composite preference activates 2 or 3
+EXPERT_OF = {"P1A": 0, "P1B": 1, "P2A": 1, "P2B": 2, "P3A": 2, "P3B": 0}
+TINY_PCM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)
+TIMINGS = ("rollout_tokens_per_s", "update_tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    experts = [str(make_tiny_checkpoint(root / f"expert{i}", seed=i)) for i in range(3)]
+    data = json.loads(resources.files("mope").joinpath("data/preferences.json").read_text())
+    for code, dim in data["dimensions"].items():
+        dim["expert"] = EXPERT_OF[code]
+    (root / "preferences.json").write_text(json.dumps(data))
+    prompts = ["Explain the sun.", "What is the capital of France?", "Write a function.", "Be friendly."]
+    (root / "prompts.json").write_text(json.dumps([{"prompt": p, "gold": p.upper()} for p in prompts]))
+    return root, experts
+
+
+def make_config(setup, out, **overrides):
+    root, experts = setup
+    rewards = {code: {"type": "keywords", "words": [w]} for code, w in
+               zip(EXPERT_OF, ["the", "a", "e", "o", "s", "!"], strict=True)}
+    settings = dict(experts=experts, prompts=str(root / "prompts.json"), rewards=rewards, output_dir=str(out),
+                    preferences_file=str(root / "preferences.json"), pcm_backbone=TINY_PCM, steps=3,
+                    batch_size=2, epochs=2, lr=1e-2, max_tokens=6, checkpoint_every=1, num_kv_blocks=96,
+                    plot=False, progress=False, warmup_steps=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.pcm.state_dict().items()}
+
+
+@pytest.mark.parametrize("mix_mode", ["prob", "logit"])
+def test_recomputed_logp_equals_rollout_before_first_update(setup, tmp_path, mix_mode):
+    trainer = Trainer(make_config(setup, tmp_path, mix_mode=mix_mode, batch_size=3, temperature=0.8))
+    rollout = trainer.rollout(trainer.batch(1), 1)
+    assert len(rollout.response_ids) == 6 and sum(rollout.lengths) > 6
+    with torch.no_grad():
+        recomputed = trainer.policy_logprobs(rollout)
+    torch.testing.assert_close(recomputed, rollout.old_logp, atol=1e-4, rtol=0)
+    # the PCM really matters: other weights give other log-probs
+    with torch.no_grad():
+        trainer.pcm.head.weight.add_(torch.randn_like(trainer.pcm.head.weight))
+        assert (trainer.policy_logprobs(rollout) - rollout.old_logp).abs().max() > 1e-3
+
+
+def test_update_moves_logp_toward_reward_difference(setup, tmp_path):
+    trainer = Trainer(make_config(setup, tmp_path, epochs=8, lr=5e-2, schedule="constant", warmup_steps=0))
+    rollout = trainer.rollout(trainer.batch(1), 1)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    loss_before = trainer.update(rollout, rewards)[0]
+    with torch.no_grad():
+        from mope.rebel import rebel_loss
+
+        after = rebel_loss(trainer.policy_logprobs(rollout), rollout.old_logp, rewards, trainer.config.eta)
+    assert after.item() < loss_before
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    full = Trainer(make_config(setup, tmp_path / "full"))
+    full.train()
+    interrupted = Trainer(make_config(setup, tmp_path / "resumed"))
+    interrupted.train(until=1)
+    resumed = Trainer(make_config(setup, tmp_path / "resumed"), resume=True)
+    assert resumed.step == 1
+    resumed.train()
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+    full_rows = strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert full_rows == strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    assert [r["step"] for r in full_rows] == [1, 2, 3]
+    for name, value in params(full).items():
+        torch.testing.assert_close(params(resumed)[name], value, atol=0, rtol=0, msg=name)
+    assert resumed.optimizer.state_dict()["state"].keys() == full.optimizer.state_dict()["state"].keys()
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == [
+        "step_000001", "step_000002", "step_000003"]
+    row = full_rows[-1]
+    assert set(row) >= {"reward", "loss", "lr", "weight/0", "weight/1", "weight/2"}
+    assert any(k.startswith("reward/P") for k in row)
+    assert math.isclose(sum(row[f"weight/{j}"] for j in range(3)), 1.0, rel_tol=1e-5)
+
+
+def test_nan_reward_is_counted_and_step_skipped(setup, tmp_path):
+    config = make_config(setup, tmp_path, steps=1)
+    nan = RuleScorer(lambda prompt, response: math.nan)
+    trainer = Trainer(config, scorers={code: nan for code in EXPERT_OF})
+    before = params(trainer)
+    with pytest.warns(UserWarning, match="NaN/inf reward or loss, update skipped"):
+        (record,) = trainer.train()
+    assert record["skipped"] and record["nan_skipped"] == 1 and math.isnan(record["loss"])
+    for name, value in params(trainer).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_metrics_plot_and_field_reference(setup, tmp_path):
+    trainer = Trainer(make_config(setup, tmp_path, steps=1, plot=True, reference="field:gold"))
+    trainer.train()
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "config.json").read_text())["reference"] == "field:gold"
+    saved = PCM.load(tmp_path / "checkpoints" / "step_000001" / "pcm")
+    for name, value in params(trainer).items():
+        torch.testing.assert_close(saved.state_dict()[name], value, atol=0, rtol=0)
+
+
+def test_lr_schedule_and_config_errors(setup, tmp_path):
+    config = make_config(setup, tmp_path, warmup_steps=2, schedule="cosine")
+    assert [lr_factor(config, i, 10) for i in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(config, 2, 10) == 1.0 and lr_factor(config, 10, 10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown keys colour"):
+        TrainConfig.from_dict({**make_config(setup, tmp_path).to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="missing required keys experts"):
+        TrainConfig.from_dict({"prompts": "p", "rewards": {"P1A": {}}, "output_dir": "o"})
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        make_config(setup, tmp_path, eta=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(make_config(setup, tmp_path / "empty"), resume=True)
+
+
+def test_mope_engine_uniform_weights_and_pcm_dir(setup, tmp_path):
+    root, experts = setup
+    registry = load_registry(root / "preferences.json")
+    engine = Engine(experts, registry=registry, num_kv_blocks=64)
+    out = engine.generate(engine.format_prompts(["Hi"]), preferences=["P1A,P2A"],
+                          sampling=SamplingParams(max_tokens=3, seed=1))[0]
+    torch.testing.assert_close(out.weights, torch.tensor([[0.5, 0.5, 0.0]]).expand(len(out.token_ids), 3))
+    pcm = PCM.fresh(experts[0], 3, registry=registry, **TINY_PCM)
+    pcm.save(tmp_path / "pcm")
+    with_pcm = Engine(experts, pcm=str(tmp_path / "pcm"), num_kv_blocks=64)
+    out = with_pcm.generate(with_pcm.format_prompts(["Hi"]), preferences=["P1A,P2B,P3A"],
+                            sampling=SamplingParams(max_tokens=3, seed=1))[0]
+    expected = pcm.forward_weights(out.provider_prompt_ids, out.token_ids, [True, False, True])
+    torch.testing.assert_close(out.weights, expected.detach(), atol=1e-5, rtol=1e-5)
