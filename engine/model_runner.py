@@ -9,7 +9,7 @@ from mope.engine.model import CausalLM
 from mope.engine.scheduler import StepResult
 from mope.engine.sequence import Sequence, Track, row_seed
 from mope.engine.weight_provider import WeightProvider, check_simplex
-from mope.kernels import mix_sample
+from mope.kernels.mix_sample import mix_sample
 from torch import Tensor
 
 

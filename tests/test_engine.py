@@ -225,7 +225,7 @@ def test_bad_inputs_are_value_errors_naming_the_problem(checkpoints):
         (dict(prompts=[[1, 2], []], weights=[[1, 0], [1, 0]]), r"prompts\[1\] is empty"),
         (dict(prompts=[""], weights=[[1, 0]]), r"prompts\[0\] is empty"),
         (dict(prompts=[[1] * 513], weights=[[0, 1]]), r"prompts\[0\] has 513 tokens for expert 1 .*\(512\)"),
-        (dict(prompts=[[1] * 300], weights=[[0.5, 0.5]]), r"prompts\[0\] needs up to 70 KV blocks"),
+        (dict(prompts=[[1] * 300], weights=[[0.5, 0.5]]), r"prompts\[0\] needs up to 64 KV blocks"),
         (dict(prompts=[[1, 2]]), "pass weights"),
         (dict(prompts=[[1, 2]], weights=[[1, 0]], preferences=["ab"]), "not both"),
         (dict(prompts=[[1, 2]], preferences=["ab"]), "need a weight provider"),
