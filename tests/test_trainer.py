@@ -4,10 +4,10 @@ from importlib import resources
 
 import pytest
 import torch
+from mope.engine.sampling_params import SamplingParams
 
 from mope.api import Engine
 from mope.config import TrainConfig
-from mope.engine.sampling_params import SamplingParams
 from mope.metrics import read_metrics
 from mope.pcm import PCM
 from mope.preferences import load_registry
