@@ -36,6 +36,7 @@ PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and
            "How do I sort a list in Python?", "Give three tips for a job interview.",
            "What is the capital of France, and why?", "Summarise the plot of Hamlet in two lines."]
 PCM_SEED = 100
+LORA_CONTEXT = 96  # tokens in the cache of each sequence at the timed decode step
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -110,42 +111,34 @@ def checkpoints(cache: Path, shape_name: str, num_experts: int) -> tuple[list[Pa
     return experts, make_random_checkpoint(cache / shape_name / "pcm", shape_name, seed=PCM_SEED)
 
 
-@torch.inference_mode()
-def rollout_table(args, shape_name: str, cache: Path) -> list[str]:
-    from mope.engine.engine import Engine
-    from mope.engine.loader import load_model, load_tokenizer
-    from transformers import AutoModelForCausalLM
+class RolloutProviders:
+    """`ours` (the Engine, with `BenchPCM`) and `hf-loop` over the same K random experts and PCM, plus the
+    bare CausalLM forwards of one decode step (the engine's own models)."""
 
-    shape, k, new = SHAPES[shape_name], args.experts, args.new_tokens
-    dtype = getattr(torch, args.dtype)
-    expert_dirs, pcm_dir = checkpoints(cache, shape_name, k)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(shape.hidden_size, k).to(args.device, dtype)
-    tokenizer = load_tokenizer(pcm_dir)
-    provider = BenchPCM(load_model(pcm_dir, args.device, dtype), head, tokenizer, k)
-    engine = Engine(expert_dirs, pcm=provider, device=args.device, dtype=dtype)
-    hf_models = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(args.device).eval()
-                 for d in [*expert_dirs, pcm_dir]]
-    loop_pcm = LoopPCM(hf_models[-1], head)
+    def __init__(self, shape_name: str, num_experts: int, device: str, dtype: torch.dtype, cache: Path):
+        from mope.engine.engine import Engine
+        from mope.engine.loader import load_model, load_tokenizer
+        from transformers import AutoModelForCausalLM
 
-    weights = k * matmul_params(shape) + matmul_params(shape, logits=False)
-    lines = ["| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms "
-             "| bare forwards ms | overhead | floor step ms |", "|" + "---|" * 9]
-    for batch in args.batch:
+        self.shape, self.num_experts, self.device, self.dtype = SHAPES[shape_name], num_experts, device, dtype
+        expert_dirs, pcm_dir = checkpoints(cache, shape_name, num_experts)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(self.shape.hidden_size, num_experts).to(device, dtype)
+        self.tokenizer = load_tokenizer(pcm_dir)
+        provider = BenchPCM(load_model(pcm_dir, device, dtype), head, self.tokenizer, num_experts)
+        self.engine = Engine(expert_dirs, pcm=provider, device=device, dtype=dtype)
+        hf_load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.hf_models = [hf_load(d) for d in expert_dirs]
+        self.loop_pcm = LoopPCM(hf_load(pcm_dir), head)
+
+    def providers(self, batch: int, new_tokens: int) -> dict[str, Callable[[], None]]:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        ids = [tokenizer.encode(p) for p in prompts]
-        # the bare forwards of one decode step mid-rollout: K experts with logits + the PCM without
-        step = DecodeStep(shape, batch, max(map(len, ids)) + new // 2, dtype, args.device)
-        ms = median_ms({"ours": partial(engine_rollout, engine, prompts, new),
-                        "hf-loop": partial(loop_rollout, hf_models[:-1], loop_pcm, ids, new),
-                        "bare": partial(forward_models, step, engine.runner.models, k)}, args.repeats)
-        our_step = ms["ours"] / new
-        floor = floor_ms(2 * batch * weights, 4 * weights)
-        lines.append(f"| {batch} | {batch * new / ms['ours'] * 1e3:.0f} "
-                     f"| {batch * new / ms['hf-loop'] * 1e3:.0f} | {ms['hf-loop'] / ms['ours']:.2f}x "
-                     f"| {batch / floor * 1e3:.0f} | {our_step:.1f} | {ms['bare']:.1f} "
-                     f"| {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
-    return lines
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        # the bare forwards of one decode step mid-rollout: K experts with logits, the PCM without
+        step = DecodeStep(self.shape, batch, max(map(len, ids)) + new_tokens // 2, self.dtype, self.device)
+        return {"ours": partial(engine_rollout, self.engine, prompts, new_tokens),
+                "hf-loop": partial(loop_rollout, self.hf_models, self.loop_pcm, ids, new_tokens),
+                "bare": partial(forward_models, step, self.engine.runner.models, self.num_experts)}
 
 
 def engine_rollout(engine, prompts: list[str], new_tokens: int) -> None:
@@ -168,40 +161,72 @@ def forward_models(step: DecodeStep, models, num_with_logits: int) -> None:
 
 
 @torch.inference_mode()
-def lora_table(args, shape_name: str, cache: Path) -> list[str]:
-    from mope.engine.loader import load_model
-    from mope.engine.lora import LoRAGroup
+def rollout_table(args) -> list[str]:
+    dtype = getattr(torch, args.dtype)
+    setup = RolloutProviders(args.shape, args.experts, args.device, dtype, args.cache_dir)
+    shape, new = setup.shape, args.new_tokens
+    weights = args.experts * matmul_params(shape) + matmul_params(shape, logits=False)
+    lines = ["| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms "
+             "| bare forwards ms | overhead | floor step ms |", "|" + "---|" * 9]
+    for batch in args.batch:
+        ms = median_ms(setup.providers(batch, new), args.repeats)
+        our_step = ms["ours"] / new
+        floor = floor_ms(2 * batch * weights, 4 * weights)
+        lines.append(f"| {batch} | {batch * new / ms['ours'] * 1e3:.0f} "
+                     f"| {batch * new / ms['hf-loop'] * 1e3:.0f} | {ms['hf-loop'] / ms['ours']:.2f}x "
+                     f"| {batch / floor * 1e3:.0f} | {our_step:.1f} | {ms['bare']:.1f} "
+                     f"| {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
+    return lines
 
-    shape, k, dtype = SHAPES[shape_name], args.experts, getattr(torch, args.dtype)
-    expert_dirs, _ = checkpoints(cache, shape_name, k)
-    base_dir = expert_dirs[0]
-    adapters = [make_random_adapter(cache / shape_name / f"adapter{i}-r{args.rank}", base_dir, shape_name,
-                                    args.rank, seed=i) for i in range(k)]
-    full = [load_model(d, args.device, dtype) for d in expert_dirs]
-    group = LoRAGroup(load_model(base_dir, args.device, dtype), adapters, base_path=base_dir)
-    merged = load_model(base_dir, args.device, dtype)
-    group.merge_into(merged, [1 / k] * k)
 
-    weights = matmul_params(shape)
-    lora_params = sum(s.a[0].numel() + s.b[0].numel() for s in group.stacks.values())
+class LoRAProviders:
+    """One decode step of K experts' rows: `lora-experts` (a LoRAGroup over expert 0 as the base),
+    `full-experts` (K full models), `merged-single` (the base with the adapters averaged in)."""
+
+    def __init__(self, shape_name: str, num_experts: int, rank: int, device: str, dtype: torch.dtype,
+                 cache: Path):
+        from mope.engine.loader import load_model
+        from mope.engine.lora import LoRAGroup
+
+        self.shape, self.num_experts, self.device, self.dtype = SHAPES[shape_name], num_experts, device, dtype
+        expert_dirs, _ = checkpoints(cache, shape_name, num_experts)
+        base_dir = expert_dirs[0]
+        adapters = [make_random_adapter(cache / shape_name / f"adapter{i}-r{rank}", base_dir, shape_name,
+                                        rank, seed=i) for i in range(num_experts)]
+        self.full = [load_model(d, device, dtype) for d in expert_dirs]
+        self.group = LoRAGroup(load_model(base_dir, device, dtype), adapters, base_path=base_dir)
+        self.merged = load_model(base_dir, device, dtype)
+        self.group.merge_into(self.merged, [1 / num_experts] * num_experts)
+        self.adapter_params = sum(a.numel() + b.numel() for a, b in self.group.adapters[0].weights.values())
+
+    def providers(self, batch: int, context_len: int) -> dict[str, Callable[[], object]]:
+        k = self.num_experts
+        one = DecodeStep(self.shape, batch, context_len, self.dtype, self.device)
+        rows = DecodeStep(self.shape, k * batch, context_len, self.dtype, self.device)
+        adapter_index = torch.arange(k, device=self.device).repeat_interleave(batch)
+        return {"lora-experts": partial(rows.run, self.group, adapter_index=adapter_index),
+                "full-experts": partial(forward_models, one, self.full, k),
+                "merged-single": partial(one.run, self.merged)}
+
+
+@torch.inference_mode()
+def lora_table(args) -> list[str]:
+    setup = LoRAProviders(args.shape, args.experts, args.rank, args.device, getattr(torch, args.dtype),
+                          args.cache_dir)
+    k, weights, lora = args.experts, matmul_params(setup.shape), setup.adapter_params
     lines = ["| B | lora-experts tok/s | full-experts tok/s | merged-single tok/s | lora / full "
              "| lora / merged | floor tok/s lora / full / merged |", "|" + "---|" * 7]
-    context_len = 96
     for batch in args.lora_batch:
-        one = DecodeStep(shape, batch, context_len, dtype, args.device)
-        rows = DecodeStep(shape, k * batch, context_len, dtype, args.device)
-        adapter_index = torch.arange(k, device=args.device).repeat_interleave(batch)
-        ms = median_ms({"lora": partial(rows.run, group, adapter_index=adapter_index),
-                        "full": partial(forward_models, one, full, len(full)),
-                        "merged": partial(one.run, merged)}, args.repeats)
-        floors = (floor_ms(2 * k * batch * (weights + lora_params), 4 * (weights + k * lora_params)),
+        ms = median_ms(setup.providers(batch, LORA_CONTEXT), args.repeats)
+        tok_s = {name: batch / t * 1e3 for name, t in ms.items()}
+        floors = (floor_ms(2 * k * batch * (weights + lora), 4 * (weights + k * lora)),
                   floor_ms(2 * k * batch * weights, 4 * k * weights),
                   floor_ms(2 * batch * weights, 4 * weights))
-        tok_s = {name: batch / t * 1e3 for name, t in ms.items()}
-        lines.append(f"| {batch} | {tok_s['lora']:.0f} | {tok_s['full']:.0f} | {tok_s['merged']:.0f} "
-                     f"| {tok_s['lora'] / tok_s['full']:.2f}x | {tok_s['lora'] / tok_s['merged']:.2f}x "
+        lines.append(f"| {batch} | {tok_s['lora-experts']:.0f} | {tok_s['full-experts']:.0f} "
+                     f"| {tok_s['merged-single']:.0f} | {tok_s['lora-experts'] / tok_s['full-experts']:.2f}x "
+                     f"| {tok_s['lora-experts'] / tok_s['merged-single']:.2f}x "
                      f"| {' / '.join(f'{batch / f * 1e3:.0f}' for f in floors)} |")
-    group.remove()
+    setup.group.remove()
     return lines
 
 
@@ -231,10 +256,10 @@ def main(argv: list[str] | None = None) -> None:
           f"threads, medians of {args.repeats} interleaved runs")
     if args.only != "lora":
         print(f"\nRollout: {args.new_tokens} new tokens, ignore_eos, PCM of the same shape\n")
-        print("\n".join(rollout_table(args, args.shape, args.cache_dir)))
+        print("\n".join(rollout_table(args)))
     if args.only != "rollout":
-        print(f"\nLoRA experts: one decode step, rank {args.rank}, context 96\n")
-        print("\n".join(lora_table(args, args.shape, args.cache_dir)))
+        print(f"\nLoRA experts: one decode step, rank {args.rank}, context {LORA_CONTEXT}\n")
+        print("\n".join(lora_table(args)))
 
 
 if __name__ == "__main__":
