@@ -9,65 +9,139 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+// Runtime-dispatched AVX-512 / AVX2 clones of the hot loop; the build itself stays portable.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HOT_LOOP __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HOT_LOOP
+#endif
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp), 0 below -87.3 (and for -inf). No libm call, so
+// the loop around it vectorises.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.33654f ? -87.33654f : x;
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float poly = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.33654f ? 0.0f : poly * scale;
+}
+
+// Online-softmax update of `group` query heads (q pre-scaled, fp32) with n cached K/V rows (row i at
+// k + i * row_stride): running max, running sum and the fp32 accumulator `acc` (group x head_dim).
+// Rows go four at a time: four independent dot products, and one pass over acc per four V rows.
+HOT_LOOP void attend_block(const float* q, int64_t group, int64_t head_dim, const float* k, const float* v,
+                           int64_t row_stride, int64_t n, float* scores, float* acc, float* running_max,
+                           float* running_sum) {
+  const int64_t n4 = n - n % 4;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * head_dim;
+    for (int64_t t = 0; t < n4; t += 4) {
+      const float *k0 = k + t * row_stride, *k1 = k0 + row_stride, *k2 = k1 + row_stride, *k3 = k2 + row_stride;
+      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t d = 0; d < head_dim; ++d) {
+        d0 += qg[d] * k0[d];
+        d1 += qg[d] * k1[d];
+        d2 += qg[d] * k2[d];
+        d3 += qg[d] * k3[d];
+      }
+      scores[t] = d0, scores[t + 1] = d1, scores[t + 2] = d2, scores[t + 3] = d3;
+    }
+    for (int64_t t = n4; t < n; ++t) {
+      const float* kt = k + t * row_stride;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kt[d];
+      scores[t] = dot;
+    }
+    float new_max = running_max[g];
+#pragma omp simd reduction(max : new_max)
+    for (int64_t t = 0; t < n; ++t) new_max = scores[t] > new_max ? scores[t] : new_max;
+    const float correction = exp_nonpositive(running_max[g] - new_max);  // 0 on the first block
+    float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t t = 0; t < n; ++t) {
+      scores[t] = exp_nonpositive(scores[t] - new_max);
+      block_sum += scores[t];
+    }
+    running_max[g] = new_max;
+    running_sum[g] = running_sum[g] * correction + block_sum;
+    float* ag = acc + g * head_dim;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) ag[d] *= correction;
+    for (int64_t t = 0; t < n4; t += 4) {
+      const float *v0 = v + t * row_stride, *v1 = v0 + row_stride, *v2 = v1 + row_stride, *v3 = v2 + row_stride;
+      const float p0 = scores[t], p1 = scores[t + 1], p2 = scores[t + 2], p3 = scores[t + 3];
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) ag[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+    }
+    for (int64_t t = n4; t < n; ++t) {
+      const float p = scores[t];
+      const float* vt = v + t * row_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * vt[d];
+    }
+  }
+}
+
+// n rows of head_dim values (row i at src + i * row_stride) -> contiguous fp32
+template <typename scalar_t>
+void rows_to_float(const scalar_t* src, int64_t row_stride, int64_t n, int64_t head_dim, float* dst) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = static_cast<float>(src[t * row_stride + d]);
+}
+
+// One (sequence, kv head): walk the sequence's blocks, then write acc / sum for its `group` query heads.
 template <typename scalar_t>
 void decode_one_kv_head(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
                         int64_t block_stride, int64_t token_stride, const int32_t* block_table, int64_t length,
                         int64_t block_size, int64_t group, int64_t head_dim, float scale, scalar_t* out,
-                        int64_t out_head_stride, std::vector<float>& buffer) {
-  // buffer layout: q_f (group * head_dim) | acc (group * head_dim) | scores (group * block_size)
-  buffer.assign(group * (2 * head_dim + block_size), 0.0f);
+                        std::vector<float>& buffer) {
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const int64_t converted = is_float ? 0 : 2 * block_size * head_dim;  // K and V rows of a block, in fp32
+  buffer.assign(2 * group * head_dim + block_size + 2 * group + converted, 0.0f);
   float* q_f = buffer.data();
   float* acc = q_f + group * head_dim;
   float* scores = acc + group * head_dim;
+  float* running_max = scores + block_size;
+  float* running_sum = running_max + group;
+  float* k_f = running_sum + group;
+  float* v_f = k_f + block_size * head_dim;
+  std::fill(running_max, running_max + group, -std::numeric_limits<float>::infinity());
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < head_dim; ++d) q_f[g * head_dim + d] = static_cast<float>(q[g * q_head_stride + d]) * scale;
-  std::vector<float> running_max(group, -std::numeric_limits<float>::infinity());
-  std::vector<float> running_sum(group, 0.0f);
 
   for (int64_t start = 0; start < length; start += block_size) {
-    const int64_t block = block_table[start / block_size];
     const int64_t n = std::min(block_size, length - start);
-    const scalar_t* k_block = k_cache + block * block_stride;
-    const scalar_t* v_block = v_cache + block * block_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q_f + g * head_dim;
-      float* s = scores + g * block_size;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; ++t) {
-        const scalar_t* k = k_block + t * token_stride;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
-        s[t] = dot;
-        block_max = std::max(block_max, dot);
-      }
-      const float new_max = std::max(running_max[g], block_max);
-      const float correction = std::exp(running_max[g] - new_max);  // exp(-inf) = 0 on the first block
-      running_max[g] = new_max;
-      float* ag = acc + g * head_dim;
-      float block_sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        s[t] = std::exp(s[t] - new_max);
-        block_sum += s[t];
-      }
-      running_sum[g] = running_sum[g] * correction + block_sum;
-      for (int64_t d = 0; d < head_dim; ++d) ag[d] *= correction;
-      for (int64_t t = 0; t < n; ++t) {
-        const scalar_t* v = v_block + t * token_stride;
-        const float p = s[t];
-        for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * static_cast<float>(v[d]);
-      }
+    const int64_t offset = block_table[start / block_size] * block_stride;
+    if constexpr (is_float) {
+      attend_block(q_f, group, head_dim, k_cache + offset, v_cache + offset, token_stride, n, scores, acc, running_max,
+                   running_sum);
+    } else {
+      rows_to_float(k_cache + offset, token_stride, n, head_dim, k_f);
+      rows_to_float(v_cache + offset, token_stride, n, head_dim, v_f);
+      attend_block(q_f, group, head_dim, k_f, v_f, head_dim, n, scores, acc, running_max, running_sum);
     }
   }
   for (int64_t g = 0; g < group; ++g) {
     const float inv_sum = 1.0f / running_sum[g];
-    for (int64_t d = 0; d < head_dim; ++d)
-      out[g * out_head_stride + d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum);
+    for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum);
   }
 }
 
@@ -85,6 +159,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
+  const int64_t num_blocks = k_cache.size(0), capacity = block_tables.size(1) * block_size;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 1 && lens[b] <= capacity, "context_lens must be in [1, max_blocks * block_size = ",
+                      capacity, "], got ", lens[b], " for sequence ", b);
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int32_t block = tables[b * table_stride + i];
+      TORCH_CHECK_VALUE(block >= 0 && block < num_blocks, "block_tables holds block ids outside [0, num_blocks=",
+                        num_blocks, ") in its used entries: ", block, " for sequence ", b);
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* q_ptr = q.data_ptr<scalar_t>();
     const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
@@ -101,7 +185,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      k_ptr + kv_head * head_dim, v_ptr + kv_head * head_dim, block_stride,
                                      token_stride, tables + b * table_stride, lens[b], block_size, group, head_dim,
                                      static_cast<float>(scale), out_ptr + (b * num_heads + first_head) * head_dim,
-                                     head_dim, buffer);
+                                     buffer);
       }
     });
   });

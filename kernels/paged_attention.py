@@ -34,18 +34,19 @@ def paged_decode_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if q.is_cuda else "cpu"
-    if backend == "torch":
-        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    module = _cpp_module() if backend == "cpu" else None
+    if backend == "cpu" and q.is_cuda:
+        raise ValueError("backend='cpu' needs CPU tensors, got CUDA ones")
+    if module is not None:  # checks context_lens and the block ids it reads itself, for free
+        return module.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+    if not q.is_cuda:  # on CUDA the check would cost a device sync per call
+        check_context(k_cache, block_tables, context_lens)
     if backend == "triton":
         from .paged_attention_triton import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    if q.is_cuda:
-        raise ValueError("backend='cpu' needs CPU tensors, got CUDA ones")
-    module = _cpp_module()
-    if module is None:  # load_cpp has warned once; the reference is always there
-        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return module.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+    # "torch", or "cpu" without a C++ build (load_cpp has warned once)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def paged_decode_attention_torch(
@@ -67,7 +68,7 @@ def paged_decode_attention_torch(
 def check_paged_attention_args(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float
 ) -> None:
-    """Shapes, dtypes, devices and (off CUDA, where it would cost a sync) context_lens values."""
+    """Shapes, dtypes and devices (the values of context_lens and block_tables: `check_context`)."""
     if not isinstance(q, Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a (B, Hq, D) tensor, got {_describe(q)}")
     if q.dtype not in DTYPES:
@@ -107,18 +108,21 @@ def check_paged_attention_args(
         )
     if not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    if q.is_cuda or batch == 0:
+
+
+def check_context(k_cache: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
+    """context_lens in [1, max_blocks * block_size] and the block ids each sequence reads in range."""
+    if not len(context_lens):
         return
+    num_blocks, block_size = k_cache.shape[:2]
     capacity = block_tables.shape[1] * block_size
     if int(context_lens.min()) < 1 or int(context_lens.max()) > capacity:
         raise ValueError(
             f"context_lens must be in [1, max_blocks * block_size = {capacity}], got {context_lens}"
         )
-    used = (
-        torch.arange(block_tables.shape[1]) < ((context_lens.long() + block_size - 1) // block_size)[:, None]
-    )
-    read = block_tables[used]
-    if read.numel() and (int(read.min()) < 0 or int(read.max()) >= num_blocks):
+    blocks_read = (context_lens.long() + block_size - 1) // block_size
+    read = block_tables[torch.arange(block_tables.shape[1]) < blocks_read[:, None]]
+    if int(read.min()) < 0 or int(read.max()) >= num_blocks:
         raise ValueError(
             f"block_tables holds block ids outside [0, num_blocks={num_blocks}) in its used entries"
         )

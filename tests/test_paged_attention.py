@@ -124,11 +124,12 @@ def bad_inputs():
     }
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("message", list(bad_inputs()))
-def test_bad_inputs_raise_value_error(message):
+def test_bad_inputs_raise_value_error(message, backend):
     (q, k, v, tables, lens), _, _ = make_case([5, 20])
     kwargs = dict(
-        q=q, k_cache=k, v_cache=v, block_tables=tables, context_lens=lens, scale=0.25, backend="cpu"
+        q=q, k_cache=k, v_cache=v, block_tables=tables, context_lens=lens, scale=0.25, backend=backend
     )
     kwargs.update(bad_inputs()[message])
     with pytest.raises(ValueError, match=message):
