@@ -155,11 +155,18 @@ HOT_LOOP double exp_in_place(float* q, int64_t n, float shift, float scale) {
   return total;
 }
 
-// sum of q over {q >= threshold}
-HOT_LOOP double kept_sum(const float* q, int64_t n, float threshold) {
-  double s = 0.0;
+// sum of q over {q >= threshold}, for n <= kDrawBlock (float lanes: a double reduction does not vectorise)
+HOT_LOOP float chunk_kept_sum(const float* q, int64_t n, float threshold) {
+  float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += q[i] >= threshold ? double(q[i]) : 0.0;
+  for (int64_t i = 0; i < n; ++i) s += q[i] >= threshold ? q[i] : 0.0f;
+  return s;
+}
+
+double kept_sum(const float* q, int64_t n, float threshold) {
+  double s = 0.0;
+  for (int64_t start = 0; start < n; start += kDrawBlock)
+    s += chunk_kept_sum(q + start, std::min(kDrawBlock, n - start), threshold);
   return s;
 }
 
@@ -246,10 +253,11 @@ std::pair<int, double> pick_bin(const double* hist, int bins, double above, doub
 // does. Top-k: by count, target k -> the k-th largest. Top-p: by mass, target top_p * kept mass.
 float radix_select(const float* q, int64_t vocab, float lower, bool by_mass, double target,
                    std::vector<float>& candidates) {
-  double hist[4096] = {};  // level 1: bits >> 19 (sign 0, 8 exponent and 4 mantissa bits)
+  double hist[4096 + 1] = {};  // level 1: bits >> 19 (sign 0, 8 exponent and 4 mantissa bits)
   for (int64_t v = 0; v < vocab; ++v) {
     const float x = q[v];
-    hist[float_bits(x) >> 19] += x >= lower ? (by_mass ? double(x) : 1.0) : 0.0;
+    const uint32_t bin = x >= lower ? float_bits(x) >> 19 : 4096;  // values below `lower` go to a spare bin
+    hist[bin] += by_mass ? double(x) : 1.0;
   }
   int bin;
   double above;
@@ -278,7 +286,7 @@ int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, std
   block_sums.resize(blocks);
   double total = 0.0;
   for (int64_t j = 0; j < blocks; ++j) {
-    block_sums[j] = kept_sum(q + j * kDrawBlock, std::min(kDrawBlock, vocab - j * kDrawBlock), threshold);
+    block_sums[j] = chunk_kept_sum(q + j * kDrawBlock, std::min(kDrawBlock, vocab - j * kDrawBlock), threshold);
     total += block_sums[j];
   }
   const double target = double(u) * total;
