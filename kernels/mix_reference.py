@@ -109,3 +109,29 @@ def mix_logprobs_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temp
     """log pi(token) (N,) of the untruncated tempered mixture; differentiable w.r.t. weights."""
     return mixture(logits, weights, temperature, mode)[1].gather(-1, tokens[:, None]).squeeze(1)
 
+
+
+def mix_logprobs_forward_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temperature: Tensor,
+                                   mode: str) -> tuple[Tensor, Tensor]:
+    """(log pi(token) (N,), d log pi(token) / d weights (N, K)) in closed form; 0 where w_k = 0.
+
+    prob:  d log pi(tok) / d w_k = p_k(tok) / pi(tok)
+    logit: d log pi(tok) / d w_k = (l_k(tok) - E_pi[l_k]) / T, with l_k = log_softmax(z_k)
+    """
+    weights = weights.detach()
+    probs, log_pi = mixture(logits, weights, temperature, mode)
+    logprobs = log_pi.gather(-1, tokens[:, None]).squeeze(1)
+    jacobian = torch.zeros_like(weights)
+    t = effective_temperature(temperature)
+    for k in range(logits.shape[0]):
+        rows = active_rows(weights, k)
+        tok = tokens.index_select(0, rows)[:, None]
+        if mode == "prob":
+            log_p = expert_log_softmax(logits, rows, k, t).gather(-1, tok).squeeze(1)
+            jacobian[rows, k] = (log_p - logprobs.index_select(0, rows)).exp()
+        else:
+            log_p = expert_log_softmax(logits, rows, k, torch.ones_like(t))
+            pi = probs.index_select(0, rows)
+            expected = torch.where(pi > 0, pi * log_p, 0.0).sum(dim=-1)
+            jacobian[rows, k] = (log_p.gather(-1, tok).squeeze(1) - expected) / t.index_select(0, rows)
+    return logprobs, jacobian
