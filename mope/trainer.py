@@ -292,8 +292,7 @@ class Trainer:
         logits = self.engine.expert_logits(
             [self.registry.format_prompt(p) for p in rollout.prompts], rollout.response_ids)
         tokens = torch.tensor([t for r in rollout.response_ids for t in r], device=weights.device)
-        temperature = torch.full((tokens.numel(),), max(self.config.temperature, 1e-6), device=weights.device)
-        return mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit")
+        return mix_logprobs(logits, weights, tokens, temperature=self.config.temperature, mode="logit")
 
     def _all_finite(self, t: Tensor) -> bool:
         bad = torch.tensor([0.0 if torch.isfinite(t).all() else 1.0])
