@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from mope.kernels.lora import LoRARows, add_lora
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -162,24 +163,6 @@ class StackedLoRA:
     b: Tensor
 
 
-@dataclass
-class AdapterRows:
-    """The step's rows per adapter: `order` sorts rows by adapter (None: they already are);
-    `segments`: (adapter, start, end) in that order."""
-
-    order: Tensor | None
-    segments: list[tuple[int, int, int]]
-
-    @classmethod
-    def from_index(cls, adapter_index: Tensor, num_adapters: int) -> AdapterRows:
-        is_sorted = bool((adapter_index[1:] >= adapter_index[:-1]).all())
-        order = None if is_sorted else torch.argsort(adapter_index, stable=True)
-        counts = torch.bincount(adapter_index + 1, minlength=num_adapters + 1).tolist()
-        ends = torch.tensor(counts).cumsum(0).tolist()
-        segments = [(a, ends[a], ends[a + 1]) for a in range(num_adapters) if counts[a + 1]]
-        return cls(order=order, segments=segments)
-
-
 def stack_adapters(linear: nn.Linear, shards: tuple[str, ...], layer: int,
                    adapters: list[LoRAAdapter]) -> StackedLoRA | None:
     """The StackedLoRA of `linear` (layer `layer`), None when no adapter targets it."""
@@ -214,16 +197,6 @@ def projection(model: CausalLM, layer: int, fused: str) -> nn.Linear:
     return getattr(block.self_attn if fused in ("qkv_proj", "o_proj") else block.mlp, fused)
 
 
-def add_lora_delta(out: Tensor, x: Tensor, lora: StackedLoRA, rows: AdapterRows) -> None:
-    """out[rows of adapter l] += x[those rows] @ a[l].T @ b[l].T, for every adapter of the step."""
-    for adapter, start, end in rows.segments:
-        if rows.order is None:
-            out[start:end] += x[start:end] @ lora.a[adapter].T @ lora.b[adapter].T
-        else:  # index_put_, not index_add_: the latter is ~1000x slower on contended CPU threads (torch 2.13)
-            idx = rows.order[start:end]
-            out.index_put_((idx,), x[idx] @ lora.a[adapter].T @ lora.b[adapter].T, accumulate=True)
-
-
 class LoRAGroup(nn.Module):
     """One base `CausalLM` and L LoRA adapters served as L + 1 experts of one architecture.
 
@@ -232,18 +205,20 @@ class LoRAGroup(nn.Module):
     give its sequences their own block tables / slots in `ctx`, as for any other expert.
     """
 
-    def __init__(self, base: CausalLM, adapters: list[str | Path], base_path: str | Path | None = None):
+    def __init__(self, base: CausalLM, adapters: list[str | Path], base_path: str | Path | None = None,
+                 backend: str = "auto"):
         super().__init__()
         if not adapters:
             raise ValueError("adapters must name at least one adapter directory")
         self.base = base
+        self.backend = backend
         self.adapters = [load_adapter(p, base_path) for p in adapters]
         layers = base.model.layers
         for adapter in self.adapters:
             deep = [layer for layer, _ in adapter.weights if layer >= len(layers)]
             if deep:
                 raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {len(layers)}")
-        self._rows: AdapterRows | None = None
+        self._rows: LoRARows | None = None
         self._hooks = []
         self.stacks: dict[tuple[int, str], StackedLoRA] = {}
         for i in range(len(layers)):
@@ -261,7 +236,7 @@ class LoRAGroup(nn.Module):
     def _hook(self, lora: StackedLoRA):
         def add_delta(module: nn.Module, args: tuple[Tensor], out: Tensor) -> None:
             if self._rows is not None:
-                add_lora_delta(out, args[0], lora, self._rows)
+                add_lora(out, args[0], lora.a, lora.b, self._rows, backend=self.backend)
         return add_delta
 
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
@@ -269,10 +244,7 @@ class LoRAGroup(nn.Module):
         """As `CausalLM.forward`; `adapter_index` (N,) int64 in [-1, L): each token's adapter (-1: none)."""
         if adapter_index.shape != input_ids.shape:
             raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
-        low, high = (int(v) for v in adapter_index.aminmax()) if len(adapter_index) else (-1, -1)
-        if low < -1 or high >= len(self.adapters):
-            raise ValueError(f"adapter_index must be in [-1, {len(self.adapters)}), got values {low}..{high}")
-        self._rows = AdapterRows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
+        self._rows = LoRARows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
         try:
             return self.base(input_ids, positions, ctx, kv_cache)
         finally:
