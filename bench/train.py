@@ -1,0 +1,153 @@
+"""REBEL training benchmark: our trainer against the naive REBEL step, side by side in one run.
+
+`ours`: mope.trainer.Trainer — rollout through the engine (the pair's prompt blocks shared, K experts and
+the PCM over one paged KV pool, fused mix-and-sample), update recomputing only the PCM teacher-forced and
+reusing the experts' token log-probs recorded at rollout. `naive`: bench/baselines/naive_rebel.py — the
+HF loop for rollouts and a full forward of every expert in the update. Same K random experts, the same
+PCM (backbone + head), P prompts x 2 responses, `--new-tokens` each, `--epochs` optimiser epochs. Steps
+run interleaved (ours, naive, ours, ...) after one warm-up step each; medians are reported.
+
+    python bench/train.py                  # llama-160m experts and PCM, 3 experts, 4 pairs, 32 tokens
+    python bench/train.py --smoke          # tiny shape, 1 pair, 4 tokens: a fast check that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.baselines.hf_loop import LoopPCM  # noqa: E402
+from bench.baselines.naive_rebel import naive_rebel_step  # noqa: E402
+from bench.shapes import SHAPES, make_random_checkpoint  # noqa: E402
+
+PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and the wind.",
+           "How do I sort a list in Python?", "Give three tips for a job interview.",
+           "What is the capital of France, and why?", "Summarise the plot of Hamlet in two lines."]
+KEYWORDS = {"P1A": "a", "P1B": "e", "P2A": "i", "P2B": "o", "P3A": "s", "P3B": "t"}
+# each axis served by one expert: every composite preference activates all three
+EXPERT_OF = {"P1A": 0, "P1B": 0, "P2A": 1, "P2B": 1, "P3A": 2, "P3B": 2}
+PCM_SEED = 100
+
+
+def write_inputs(work: Path) -> tuple[Path, Path]:
+    """The prompt file (with a reference field) and a registry mapping the six dimensions onto 3 experts."""
+    from importlib import resources
+
+    data = json.loads(resources.files("mope").joinpath("data/preferences.json").read_text())
+    for code, dim in data["dimensions"].items():
+        dim["expert"] = EXPERT_OF[code]
+    (work / "preferences.json").write_text(json.dumps(data))
+    records = [{"prompt": p, "ref": "a reference answer"} for p in PROMPTS]
+    (work / "prompts.json").write_text(json.dumps(records))
+    return work / "prompts.json", work / "preferences.json"
+
+
+def make_ours(args, experts: list[Path], pcm_dir: Path, work: Path):
+    from mope.config import TrainConfig
+    from mope.trainer import Trainer
+
+    prompts, registry = write_inputs(work)
+    config = TrainConfig(
+        experts=[str(e) for e in experts], prompts=str(prompts), output_dir=str(work / "run"),
+        pcm=str(pcm_dir),
+        rewards={code: {"type": "keywords", "words": [w]} for code, w in KEYWORDS.items()},
+        preferences_file=str(registry), reference="field:ref", steps=args.steps + 1, batch_size=args.pairs,
+        epochs=args.epochs, max_tokens=args.new_tokens, lr=1e-5, schedule="constant", seed=PCM_SEED,
+        device=args.device, dtype=args.dtype, plot=False, progress=False)
+    return Trainer(config)
+
+
+def make_naive(args, experts: list[Path], pcm_dir: Path, head: torch.nn.Linear):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, args.dtype)
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device)
+    models = [load(e).eval() for e in experts]
+    pcm = LoopPCM(load(pcm_dir).train(), head)
+    params = [p for p in [*pcm.model.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(experts[0])
+    from mope.rewards import keyword_scorer
+
+    scorers = [keyword_scorer([w]) for w in list(KEYWORDS.values())[::2]]
+
+    def rewards(responses: list[list[int]]) -> torch.Tensor:
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        return torch.stack([s.score(texts, texts) for s in scorers]).sigmoid().mean(0)
+
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    return models, pcm, optimizer, rewards, ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-160m", choices=sorted(SHAPES),
+                        help="experts' and PCM's shape")
+    parser.add_argument("--pairs", type=int, default=4, help="(prompt, preference) pairs per step")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per response")
+    parser.add_argument("--epochs", type=int, default=2, help="optimiser epochs per step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per provider (after a warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"), help="random checkpoints")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, 1 pair, 4 tokens, 1 step")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shape, args.pairs, args.new_tokens, args.epochs, args.steps = "tiny", 1, 4, 1, 1
+    torch.manual_seed(0)
+    experts = [make_random_checkpoint(args.cache_dir / args.shape / f"expert{i}", args.shape, seed=i)
+               for i in range(3)]
+    pcm_dir = make_random_checkpoint(args.cache_dir / args.shape / "pcm", args.shape, seed=PCM_SEED)
+
+    with tempfile.TemporaryDirectory() as work:
+        ours = make_ours(args, experts, pcm_dir, Path(work))
+        head = torch.nn.Linear(ours.pcm.head.in_features, 3).to(ours.pcm.head.weight)
+        head.load_state_dict(ours.pcm.head.state_dict())
+        models, loop_pcm, optimizer, rewards, ids = make_naive(args, experts, pcm_dir, head)
+        generator = torch.Generator(device=args.device).manual_seed(0)
+
+        def ours_step(step: int) -> dict:
+            start = time.perf_counter()
+            rollout = ours.rollout(ours.batch(step), step)
+            rolled = time.perf_counter()
+            ours.update(rollout, ours.rewards(rollout)[0])
+            return {"rollout_s": rolled - start, "update_s": time.perf_counter() - rolled,
+                    "tokens": sum(rollout.lengths)}
+
+        def naive_step(step: int) -> dict:
+            prompts = [ids[(step * args.pairs + i) % len(ids)] for i in range(args.pairs)]
+            return naive_rebel_step(models, loop_pcm, optimizer, prompts, rewards,
+                                    max_new_tokens=args.new_tokens, epochs=args.epochs, generator=generator)
+
+        runs: dict[str, list[dict]] = {"ours": [], "naive": []}
+        for step in range(args.steps + 1):  # step 0 is the warm-up
+            for name, fn in (("ours", ours_step), ("naive", naive_step)):
+                record = fn(step + 1)
+                if step:
+                    runs[name].append(record)
+    print(f"REBEL step: shape {args.shape}, 3 experts + PCM, {args.pairs} pairs x 2 responses x "
+          f"{args.new_tokens} tokens, {args.epochs} epochs, {args.device} {args.dtype}, "
+          f"median of {args.steps} steps\n")
+    print("| provider | rollout tok/s | update tok/s | steps/s | step speedup |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    rates = {}
+    for name, records in runs.items():
+        tokens, rollout_s, update_s = (statistics.median(r[key] for r in records)
+                                       for key in ("tokens", "rollout_s", "update_s"))
+        rates[name] = (tokens / rollout_s, tokens * args.epochs / update_s,
+                       1 / statistics.median(r["rollout_s"] + r["update_s"] for r in records))
+    for name, (roll, upd, steps) in rates.items():
+        print(f"| {name} | {roll:.1f} | {upd:.1f} | {steps:.4f} | {steps / rates['naive'][2]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
