@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from mope.engine.block_manager import BlockManager
 from mope.engine.config import ModelConfig
+from mope.engine.experts import ForwardGroup, expert_config_and_tokenizer, load_experts
 from mope.engine.kv_pool import KVPool, block_numel
-from mope.engine.loader import load_model, load_tokenizer
 from mope.engine.model_runner import ModelRunner
 from mope.engine.sampling_params import SamplingParams
 from mope.engine.scheduler import Scheduler
@@ -42,7 +42,8 @@ class Output:
 
 
 class Engine:
-    """Serve a mixture of `experts` (Hugging Face checkpoint directories sharing one tokenizer).
+    """Serve a mixture of `experts` sharing one tokenizer: Hugging Face checkpoint directories, or PEFT LoRA
+    adapter directories over a local base (the adapters of one base run as one base forward).
 
     `pcm` is a WeightProvider that decides weights for requests given by preference. The KV pool holds
     `num_kv_blocks` blocks, or as many as `kv_cache_memory` bytes hold (default: a fraction of free memory,
@@ -64,8 +65,11 @@ class Engine:
         self.provider = pcm
         self.device = torch.device(device)
         self.block_size = block_size
-        configs = [ModelConfig.from_pretrained(p) for p in self.expert_paths]
-        tokenizers = [load_tokenizer(p) for p in self.expert_paths]
+        configs, tokenizers = [], []
+        for path in self.expert_paths:
+            config, tokenizer = expert_config_and_tokenizer(path)
+            configs.append(config)
+            tokenizers.append(tokenizer)
         provider_model = None if pcm is None else pcm.model
         names = [f"expert {i} ({p})" for i, p in enumerate(self.expert_paths)]
         if provider_model is not None:
@@ -78,14 +82,15 @@ class Engine:
         self.configs = configs
         self.eos_ids = eos_token_ids(self.expert_paths[0], configs[0], self.tokenizer)
 
-        models = [load_model(p, self.device, dtype) for p in self.expert_paths]
+        models, groups = load_experts(self.expert_paths, self.device, dtype)
         if provider_model is not None:
             models.append(provider_model)
+            groups.append(ForwardGroup(provider_model, {self.num_experts: -1}))
         self.num_kv_blocks = self._pool_size(num_kv_blocks, kv_cache_memory, dtype, max_num_seqs)
         self.pool = KVPool(configs, self.num_kv_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(self.num_kv_blocks, block_size, self.pool.copy_block)
         self.scheduler = Scheduler(self.block_manager, self.eos_ids, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(models, self.num_experts, self.pool, block_size, pcm, mix_mode)
+        self.runner = ModelRunner(models, groups, self.num_experts, self.pool, block_size, pcm, mix_mode)
         self.max_num_batched_tokens = max_num_batched_tokens
 
     def _pool_size(self, num_kv_blocks: int | None, kv_cache_memory: int | None, dtype: torch.dtype,

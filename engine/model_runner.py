@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import torch
 from mope.engine.context import AttentionContext
+from mope.engine.experts import ForwardGroup
 from mope.engine.kv_pool import KVPool
-from mope.engine.model import CausalLM
+from mope.engine.lora import LoRAGroup
 from mope.engine.scheduler import StepResult
 from mope.engine.sequence import Sequence, Track, row_seed
 from mope.engine.weight_provider import WeightProvider, check_simplex
 from mope.kernels.mix_sample import mix_sample
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ModelRunner:
-    """Runs `models` (the K experts, then the provider's model if any) over the shared KV pool."""
+    """Runs `models` (the K experts, then the provider's model if any; each callable like a CausalLM) over
+    the shared KV pool, one forward per group (adapters of one base share theirs)."""
 
-    def __init__(self, models: list[CausalLM], num_experts: int, pool: KVPool, block_size: int,
-                 provider: WeightProvider | None, mix_mode: str):
+    def __init__(self, models: list[nn.Module], groups: list[ForwardGroup], num_experts: int, pool: KVPool,
+                 block_size: int, provider: WeightProvider | None, mix_mode: str):
         self.models = models
+        self.groups = groups
         self.num_experts = num_experts
         self.pool = pool
         self.block_size = block_size
@@ -37,13 +40,20 @@ class ModelRunner:
             self.logits = torch.zeros(self.num_experts, batch, self.logits.shape[2], device=self.device)
         logits = self.logits[:, :batch]
         provider_hidden = None
-        for model, entries in self._rows_per_model(seqs).items():
-            rows = torch.tensor([row for row, _ in entries], device=self.device)
-            hidden = self._forward(model, [(seqs[row], track) for row, track in entries], is_prefill)
-            if model < self.num_experts:
-                logits[model].index_copy_(0, rows, self.models[model].compute_logits(hidden))
-            else:
-                provider_hidden = hidden
+        rows_per_model = self._rows_per_model(seqs)
+        for group in self.groups:
+            members = [m for m in group.members if m in rows_per_model]
+            if not members:
+                continue
+            entries = [(seqs[row], track) for m in members for row, track in rows_per_model[m]]
+            hidden = self._forward(group, entries, is_prefill)
+            for model, model_hidden in zip(members, hidden.split([len(rows_per_model[m]) for m in members]),
+                                           strict=True):
+                if model < self.num_experts:
+                    rows = self._tensor([row for row, _ in rows_per_model[model]], torch.int64)
+                    logits[model].index_copy_(0, rows, self.models[model].compute_logits(model_hidden))
+                else:
+                    provider_hidden = model_hidden
         weights = self._weights(seqs, provider_hidden)
 
         samples = [(seq, j) for seq in seqs for j in range(seq.num_samples)]
@@ -75,10 +85,11 @@ class ModelRunner:
                 rows.setdefault(track.model, []).append((row, track))
         return rows
 
-    def _forward(self, model: int, entries: list[tuple[Sequence, Track]], is_prefill: bool) -> Tensor:
-        """Run one model over its rows' new tokens; the hidden state (rows, hidden) at each row's last one."""
+    def _forward(self, group: ForwardGroup, entries: list[tuple[Sequence, Track]],
+                 is_prefill: bool) -> Tensor:
+        """Run one group over its rows' new tokens; the hidden state (rows, hidden) at each row's last one."""
         bs = self.block_size
-        input_ids, positions, slots, context_lens, cu_seqlens = [], [], [], [], [0]
+        input_ids, positions, slots, context_lens, cu_seqlens, adapters = [], [], [], [], [0], []
         for seq, track in entries:
             num_tokens = seq.num_tokens(track)
             start = track.num_cached_tokens if is_prefill else num_tokens - 1
@@ -88,6 +99,7 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(start, num_tokens)]
             context_lens.append(num_tokens)
             cu_seqlens.append(cu_seqlens[-1] + num_tokens - start)
+            adapters += [group.members[track.model]] * (num_tokens - start)
         width = max(len(track.block_table) for _, track in entries)
         block_tables = [track.block_table + [0] * (width - len(track.block_table)) for _, track in entries]
         tensor = self._tensor
@@ -98,8 +110,12 @@ class ModelRunner:
             slot_mapping=tensor(slots, torch.int64),
             block_tables=tensor(block_tables, torch.int32),
         )
-        hidden = self.models[model](tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx,
-                                    self.pool.views[model])
+        args = (tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx,
+                self.pool.views[entries[0][1].model])
+        if isinstance(group.module, LoRAGroup):
+            hidden = group.module(*args, adapter_index=tensor(adapters, torch.int64))
+        else:
+            hidden = group.module(*args)
         if not is_prefill:
             return hidden
         return hidden.index_select(0, tensor(cu_seqlens[1:], torch.int64) - 1)

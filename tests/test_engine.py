@@ -6,6 +6,7 @@ from helpers import make_tiny_checkpoint
 from mope.engine.engine import Engine
 from mope.engine.loader import load_model, load_tokenizer
 from mope.engine.sampling_params import SamplingParams
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -21,6 +22,18 @@ def checkpoints(tmp_path_factory):
         "pcm": make_tiny_checkpoint(root / "pcm", "llama", seed=3, hidden_size=32, num_attention_heads=2),
         "other_vocab": make_tiny_checkpoint(root / "other_vocab", "llama", vocab=336, seed=4),
     }
+
+
+def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
+    """A peft adapter of `base_dir` with random lora_B (peft initialises it to zero)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora_settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.save_pretrained(out_dir)
+    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +275,24 @@ def test_generation_stops_at_eos(checkpoints, hf_models):
     out = engine.generate([PROMPTS[0]], sampling=SamplingParams(temperature=0, max_tokens=16))[0]
     assert out.token_ids == first.token_ids[:3] and out.finish_reason == "stop"
     assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_lora_adapter_experts_share_one_base_forward_and_equal_merged_models(checkpoints, hf_models,
+                                                                             tmp_path):
+    base = checkpoints["llama"]
+    settings = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                dict(r=8, lora_alpha=8, target_modules=["o_proj", "up_proj"])]
+    adapters = [save_adapter(base, tmp_path / f"a{i}", i, **kw) for i, kw in enumerate(settings)]
+    engine = Engine([adapters[0], adapters[1], base, checkpoints["qwen2"]])
+    assert len(engine.runner.groups) == 2  # the two adapters and their base in one forward, qwen2 alone
+    weights = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.4, 0.3, 0.2, 0.1]]
+    outputs = engine.generate(PROMPTS, weights=weights, sampling=GREEDY)
+    merged = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), a).merge_and_unload()
+              for a in adapters]
+    references = [*merged, hf_models["llama"], hf_models["qwen2"]]
+    for prompt, w, out in zip(PROMPTS, weights, outputs, strict=True):
+        tokens, logprobs, _ = reference_mixture(references, w, prompt, GREEDY.max_tokens)
+        assert out.token_ids == tokens
+        torch.testing.assert_close(out.logprobs, logprobs, atol=1e-4, rtol=1e-4)
+    scores = engine.score(PROMPTS[:1], [outputs[0].token_ids])[0]
+    torch.testing.assert_close(scores[:, 0], outputs[0].logprobs, atol=1e-4, rtol=1e-4)
