@@ -114,6 +114,16 @@ def _digest(file: Path, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a PEFT adapter directory (rather than a full checkpoint)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base checkpoint an adapter directory names (base_model_name_or_path), None if it names none."""
+    return read_adapter_config(Path(path)).get("base_model_name_or_path") or None
+
+
 def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAAdapter:
     """Read a PEFT LoRA adapter directory (fp32, CPU). `base_path`: the base checkpoint, to check against."""
     path = Path(path)

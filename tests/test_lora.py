@@ -8,7 +8,7 @@ import torch
 from helpers import make_tiny_checkpoint
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
-from mope.engine.lora import LoRAGroup, load_adapter
+from mope.engine.lora import LoRAGroup, adapter_base, is_adapter_dir, load_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -169,8 +169,10 @@ def test_merge_into_equals_merged_checkpoints(checkpoints):
         group.merge_into(model, [1.0])
 
 
-def test_scaling_folds_alpha_and_rslora(checkpoints):
-    _, adapter_dirs, _ = checkpoints
+def test_scaling_folds_alpha_and_rslora_and_adapter_dirs_are_recognised(checkpoints):
+    base_dir, adapter_dirs, _ = checkpoints
+    assert is_adapter_dir(adapter_dirs[0]) and not is_adapter_dir(base_dir)
+    assert adapter_base(adapter_dirs[0]) == str(base_dir)
     assert load_adapter(adapter_dirs[0]).scaling == 8 / 4
     assert load_adapter(adapter_dirs[1]).scaling == pytest.approx(16 / 8**0.5)
 
