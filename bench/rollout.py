@@ -58,6 +58,12 @@ def matmul_params(shape: Shape, logits: bool = True) -> int:
     return shape.num_params() - embedding - (0 if logits else embedding)
 
 
+def rate(tokens: int, ms: float) -> str:
+    """tokens/s: whole numbers from 100 on, else three significant digits."""
+    per_s = tokens / ms * 1e3
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
 def floor_ms(flops: float, bytes_read: float) -> float:
     """The larger of the arithmetic and the weight-reading time, in ms."""
     return 1e3 * max(flops / PEAK_FLOPS, bytes_read / READ_BYTES_PER_S)
@@ -172,10 +178,9 @@ def rollout_table(args) -> list[str]:
         ms = median_ms(setup.providers(batch, new), args.repeats)
         our_step = ms["ours"] / new
         floor = floor_ms(2 * batch * weights, 4 * weights)
-        lines.append(f"| {batch} | {batch * new / ms['ours'] * 1e3:.0f} "
-                     f"| {batch * new / ms['hf-loop'] * 1e3:.0f} | {ms['hf-loop'] / ms['ours']:.2f}x "
-                     f"| {batch / floor * 1e3:.0f} | {our_step:.1f} | {ms['bare']:.1f} "
-                     f"| {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
+        lines.append(f"| {batch} | {rate(batch * new, ms['ours'])} | {rate(batch * new, ms['hf-loop'])} "
+                     f"| {ms['hf-loop'] / ms['ours']:.2f}x | {rate(batch, floor)} | {our_step:.1f} "
+                     f"| {ms['bare']:.1f} | {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
     return lines
 
 
@@ -218,14 +223,13 @@ def lora_table(args) -> list[str]:
              "| lora / merged | floor tok/s lora / full / merged |", "|" + "---|" * 7]
     for batch in args.lora_batch:
         ms = median_ms(setup.providers(batch, LORA_CONTEXT), args.repeats)
-        tok_s = {name: batch / t * 1e3 for name, t in ms.items()}
         floors = (floor_ms(2 * k * batch * (weights + lora), 4 * (weights + k * lora)),
                   floor_ms(2 * k * batch * weights, 4 * k * weights),
                   floor_ms(2 * batch * weights, 4 * weights))
-        lines.append(f"| {batch} | {tok_s['lora-experts']:.0f} | {tok_s['full-experts']:.0f} "
-                     f"| {tok_s['merged-single']:.0f} | {tok_s['lora-experts'] / tok_s['full-experts']:.2f}x "
-                     f"| {tok_s['lora-experts'] / tok_s['merged-single']:.2f}x "
-                     f"| {' / '.join(f'{batch / f * 1e3:.0f}' for f in floors)} |")
+        lines.append(f"| {batch} | {rate(batch, ms['lora-experts'])} | {rate(batch, ms['full-experts'])} "
+                     f"| {rate(batch, ms['merged-single'])} | {ms['full-experts'] / ms['lora-experts']:.2f}x "
+                     f"| {ms['merged-single'] / ms['lora-experts']:.2f}x "
+                     f"| {' / '.join(rate(batch, f) for f in floors)} |")
     setup.group.remove()
     return lines
 
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["rollout", "lora"], help="run one table")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"),
                         help="where random checkpoints are written (and reused)")
@@ -249,9 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.batch, args.lora_batch, args.new_tokens, args.repeats = "tiny", [2], [2], 8, 1
-    for name in ("new_tokens", "experts", "rank", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("new_tokens", "experts", "rank", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"shape {args.shape}, K={args.experts}, {args.dtype} on {args.device}, {torch.get_num_threads()} "
           f"threads, medians of {args.repeats} interleaved runs")
     if args.only != "lora":
