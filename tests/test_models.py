@@ -18,9 +18,15 @@ LLAMA3_ROPE = {
 }
 VARIANTS = {
     "llama-gqa": ("llama", {}),
-    "llama3-rope-tied-mqa": (
+    "llama3-rope-tied-mqa-biases": (
         "llama",
-        {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True, "num_key_value_heads": 1},
+        {
+            "rope_parameters": LLAMA3_ROPE,
+            "tie_word_embeddings": True,
+            "num_key_value_heads": 1,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
     ),
     "mistral": ("mistral", {}),
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
