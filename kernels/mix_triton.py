@@ -65,7 +65,8 @@ def _mixture_stats(row_logits, stride_k, offs_k, active, w, expert_scale, mix_sc
             g = _geometric_logits(z, w, active, mix_scale, offs, V)
             m_g, s_g = _online_max_sumexp(m_g, s_g, g, 0)
     # inactive experts get 0 rather than -inf, so that later z - lse never computes -inf - -inf
-    return tl.where(active, m_k + tl.log(s_k), 0.0), m_g + tl.log(s_g)
+    lse_k = tl.where(active, m_k + tl.log(tl.where(active, s_k, 1.0)), 0.0)
+    return lse_k, (m_g + tl.log(s_g) if LOGIT_MODE else s_g)
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _load_active(row_logits, stride_k, offs_k, active, offs, V):
 
 @triton.jit
 def _geometric_logits(z, w, active, mix_scale, offs, V):
-    g = tl.sum(tl.where(active[:, None], w[:, None] * z, 0.0), axis=0) * mix_scale
+    g = tl.sum(w[:, None] * tl.where(active[:, None], z, 0.0), axis=0) * mix_scale
     return tl.where(offs < V, g, float("-inf"))
 
 
@@ -90,6 +91,16 @@ def _mixture_block(z, w, active, expert_scale, mix_scale, lse_k, lse_g, offs, V,
         p = tl.sum(tl.where(active[:, None], w[:, None] * tl.exp(z * expert_scale - lse_k[:, None]), 0.0),
                    axis=0)
     return tl.where(offs < V, p, 0.0)
+
+
+@triton.jit
+def _token_logprob(z, w, active, expert_logp, inv_t, lse_g, LOGIT_MODE: tl.constexpr):
+    """log π(token) from the token's logits z (BLOCK_K,); prob mode: from log softmax(z_k / T)(token)."""
+    if LOGIT_MODE:
+        return tl.sum(w * tl.where(active, z, 0.0), axis=0) * inv_t - lse_g
+    terms = tl.where(active, expert_logp + tl.log(tl.where(active, w, 1.0)), float("-inf"))
+    top = tl.max(terms, axis=0)
+    return top + tl.log(tl.sum(tl.exp(terms - top), axis=0))
 
 
 @triton.jit
@@ -191,12 +202,7 @@ def mix_sample_kernel(
 
     z = tl.load(row_logits + offs_k * stride_k + token, mask=active, other=float("-inf")).to(tl.float32)
     expert_logp = tl.where(active, z * inv_t - lse_k, float("-inf"))
-    if LOGIT_MODE:
-        logp = tl.sum(tl.where(active, w * z, 0.0), axis=0) * inv_t - lse_g
-    else:
-        terms = tl.where(active, expert_logp + tl.log(w), float("-inf"))
-        top = tl.max(terms, axis=0)
-        logp = top + tl.log(tl.sum(tl.exp(terms - top), axis=0))
+    logp = _token_logprob(z, w, active, expert_logp, inv_t, lse_g, LOGIT_MODE)
     tl.store(tokens_ptr + row, token)
     tl.store(logprobs_ptr + row, logp)
     tl.store(expert_logprobs_ptr + row * K + offs_k, expert_logp, mask=offs_k < K)
@@ -244,20 +250,16 @@ def mix_logprobs_kernel(
     token = tl.load(tokens_ptr + row)
     z = tl.load(row_logits + offs_k * stride_k + token, mask=active, other=float("-inf")).to(tl.float32)
     token_logp = tl.where(active, z * expert_scale - lse_k, float("-inf"))
+    logp = _token_logprob(z, w, active, token_logp, inv_t, lse_g, LOGIT_MODE)
     mean_logp = tl.zeros((BLOCK_K,), tl.float32)
     if LOGIT_MODE:
-        logp = tl.sum(tl.where(active, w * z, 0.0), axis=0) * inv_t - lse_g
         # E_π[z_k], then E_π[log_softmax(z_k)] = E_π[z_k] - lse_k
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             tile = _load_active(row_logits, stride_k, offs_k, active, offs, V)
             p = _mixture_block(tile, w, active, expert_scale, inv_t, lse_k, lse_g, offs, V, LOGIT_MODE)
-            mean_logp += tl.sum(tl.where((p > 0)[None, :] & active[:, None], p[None, :] * tile, 0.0), axis=1)
+            mean_logp += tl.sum(p[None, :] * tl.where((p > 0)[None, :] & active[:, None], tile, 0.0), axis=1)
         mean_logp = tl.where(active, mean_logp - lse_k, 0.0)
-    else:
-        terms = tl.where(active, token_logp + tl.log(w), float("-inf"))
-        top = tl.max(terms, axis=0)
-        logp = top + tl.log(tl.sum(tl.exp(terms - top), axis=0))
     tl.store(logp_ptr + row, logp)
     tl.store(token_logp_ptr + row * K + offs_k, token_logp, mask=offs_k < K)
     tl.store(mean_logp_ptr + row * K + offs_k, mean_logp, mask=offs_k < K)
