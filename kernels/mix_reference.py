@@ -107,7 +107,10 @@ def mix_sample_reference(logits: Tensor, weights: Tensor, temperature: Tensor, t
 def mix_logprobs_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temperature: Tensor,
                            mode: str) -> Tensor:
     """log pi(token) (N,) of the untruncated tempered mixture; differentiable w.r.t. weights."""
-    return mixture(logits, weights, temperature, mode)[1].gather(-1, tokens[:, None]).squeeze(1)
+    probs, log_pi = mixture(logits, weights, temperature, mode)
+    if mode == "prob":  # gather before the log: log'(0) at tokens of probability 0 would make NaN gradients
+        return probs.gather(-1, tokens[:, None]).squeeze(1).log()
+    return log_pi.gather(-1, tokens[:, None]).squeeze(1)
 
 
 

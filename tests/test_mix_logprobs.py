@@ -1,0 +1,113 @@
+"""mix_logprobs: values and weight gradients of every backend against autograd through the torch reference."""
+
+import importlib.util
+
+import pytest
+import torch
+from mope.kernels import mix_logprobs, mix_sample
+from mope.kernels.mix_reference import mix_logprobs_reference
+
+HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
+BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-4, rtol=1e-4)}
+
+
+def random_inputs(num_experts: int, batch: int, vocab: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_experts, batch, vocab, generator=g) * 2
+    logits[:, :, 1::9] = float("-inf")  # masked tokens: never the target, 0 * -inf must not leak
+    weights = torch.rand(batch, num_experts, generator=g)
+    weights[0, -1] = 0.0  # an inactive expert (in row 0 only, when K > 1)
+    weights[0, 0] += 0.1
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    tokens = torch.randint(0, vocab // 9, (batch,), generator=g) * 9  # never a masked token
+    temperature = torch.tensor([1.0, 0.0, 0.6, 1.7])[torch.arange(batch) % 4]
+    return logits.to(dtype), weights, tokens, temperature
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_and_gradients_match_autograd_through_the_reference(backend, mode, dtype):
+    batch, vocab = (4, 1000) if backend == "triton" else (12, 3001)
+    logits, weights, tokens, temperature = random_inputs(3, batch, vocab, dtype, seed=len(mode))
+    grad_out = torch.randn(batch, generator=torch.Generator().manual_seed(1))
+
+    # Autograd through the reference meets 0 * (-inf) = NaN at masked tokens in logit mode; -1e4 gives the
+    # same probabilities (exp underflows to exactly 0) with finite gradients.
+    finite_logits = logits.masked_fill(logits == float("-inf"), -1e4)
+    reference_weights = weights.clone().requires_grad_()
+    expected = mix_logprobs_reference(finite_logits, reference_weights, tokens, temperature, mode)
+    (expected * grad_out).sum().backward()
+
+    ours_weights = weights.clone().requires_grad_()
+    got = mix_logprobs(logits, ours_weights, tokens, temperature=temperature, mode=mode, backend=backend)
+    (got * grad_out).sum().backward()
+
+    torch.testing.assert_close(got, expected.detach(), **TOLERANCE[dtype])
+    torch.testing.assert_close(ours_weights.grad, reference_weights.grad, **TOLERANCE[dtype])
+    assert ours_weights.grad[0, -1] == 0.0  # the inactive expert is not in the mixture
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_saves_no_vocabulary_sized_tensor(backend):
+    batch, vocab = 3, 517
+    logits, weights, tokens, temperature = random_inputs(2, batch, vocab, torch.float32, seed=3)
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    weights.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logprobs = mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit",
+                                backend=backend)
+    logprobs.sum().backward()
+    assert saved_shapes and all(vocab not in shape for shape in saved_shapes)
+
+
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_of_sampled_tokens_equal_mix_sample_logprobs(backend, mode):
+    batch, vocab = (3, 400) if backend == "triton" else (16, 400)
+    logits, weights, _, temperature = random_inputs(3, batch, vocab, torch.float32, seed=4)
+    sample = mix_sample(logits, weights, temperature=temperature, top_p=0.9, top_k=0, seed=1, offset=0,
+                        mode=mode, backend=backend)
+    got = mix_logprobs(logits, weights, sample.tokens, temperature=temperature, mode=mode, backend=backend)
+    torch.testing.assert_close(got, sample.logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_of_an_inactive_expert_change_nothing(backend):
+    logits, weights, tokens, temperature = random_inputs(3, 4, 300, torch.float32, seed=5)
+    weights[:, 2] = 0.0
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    clean = mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit", backend=backend)
+    logits[2] = float("nan")
+    poisoned = mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit", backend=backend)
+    assert torch.equal(clean, poisoned)
+    logits[1, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="logits of active expert 1 in row 2"):
+        mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit", backend=backend)
+
+
+BAD_INPUTS = [
+    (dict(tokens=torch.tensor([0, 1])), "tokens"),
+    (dict(tokens=torch.tensor([0.0, 1.0, 2.0])), "tokens"),
+    (dict(tokens=torch.tensor([0, 1, 9])), "tokens"),
+    (dict(tokens=torch.tensor([0, -1, 2])), "tokens"),
+    (dict(weights=torch.tensor([[0.7, 0.7]] * 3)), "weights"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(mode="geometric"), "mode"),
+    (dict(backend="gpu"), "backend"),
+]
+
+
+@pytest.mark.parametrize(("override", "name"), BAD_INPUTS)
+def test_bad_inputs_raise_value_error_naming_the_argument(override, name):
+    kwargs = dict(logits=torch.zeros(2, 3, 9), weights=torch.full((3, 2), 0.5),
+                  tokens=torch.tensor([0, 1, 2]), temperature=1.0, mode="prob", backend="cpu")
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=name):
+        mix_logprobs(kwargs.pop("logits"), kwargs.pop("weights"), kwargs.pop("tokens"), **kwargs)
