@@ -102,11 +102,13 @@ def test_a_pool_far_too_small_preempts_and_gives_the_same_outputs(checkpoints):
     experts = [checkpoints["llama"], checkpoints["qwen2"]]
     prompts = PROMPTS * 2
     weights = [[0.5, 0.5], [1.0, 0.0], [0.2, 0.8], [0.0, 1.0]] * 2
-    sampling = [SamplingParams(temperature=t, max_tokens=20, ignore_eos=True, seed=7) for t in (0, 1) * 4]
+    sampling = [SamplingParams(temperature=i % 2, max_tokens=12, ignore_eos=True, seed=7, n=1 + (i % 3 == 1))
+                for i in range(8)]  # greedy and sampled rows, some forked
     roomy = Engine(experts, block_size=4).generate(prompts, weights=weights, sampling=sampling)
     small = Engine(experts, block_size=4, num_kv_blocks=16)
     tight = small.generate(prompts, weights=weights, sampling=sampling)
     assert small.scheduler.num_preemptions > 0
+    assert len(tight) == 8 + 3
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
     for a, b in zip(tight, roomy, strict=True):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
