@@ -44,7 +44,9 @@ def shard_bounds(n: int, info: DistInfo) -> tuple[int, int]:
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum over ranks (in place; a no-op in a single process)."""
-    if info.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """The sum over ranks (through the rank's device, as nccl needs), on ``tensor``'s device."""
+    if info.world_size == 1:
+        return tensor
+    reduced = tensor.to(info.device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(tensor.device)

@@ -197,8 +197,10 @@ class Trainer:
         for _ in range(c.epochs):
             for start in range(0, pairs, local_mb):
                 part = rollout.pairs(start, min(start + local_mb, pairs))
-                loss = rebel_loss(self.policy_logprobs(part, model), part.old_logp.to(rewards.device),
-                                  rewards[2 * start : 2 * start + len(part.prompts)], c.eta)
+                new_logp = self.policy_logprobs(part, model)
+                device = new_logp.device
+                part_rewards = rewards[2 * start : 2 * start + len(part.prompts)].to(device)
+                loss = rebel_loss(new_logp, part.old_logp.to(device), part_rewards, c.eta)
                 if not self._all_finite(loss.detach()):
                     self.optimizer.zero_grad(set_to_none=True)
                     return math.nan, False
