@@ -117,9 +117,6 @@ class Trainer:
             pcm = PCM.load(self.checkpoint / "pcm", config.device, DTYPES[config.dtype])
         self.pcm = pcm or build_pcm(config)
         self.pcm.expert_names = list(config.experts)
-        self.engine = engine or Engine(experts=config.experts, pcm=self.pcm, device=config.device,
-                                       dtype=DTYPES[config.dtype], block_size=config.block_size,
-                                       num_kv_blocks=config.num_kv_blocks, mix_mode=config.mix_mode)
         self.registry = self.pcm.registry
         codes = config.preferences or [p.code for p in self.registry.combinations()]
         self.preferences = [self.registry.parse(c) for c in codes]
@@ -127,6 +124,16 @@ class Trainer:
         self.scorers = scorers or {code: build_reward_model(spec) for code, spec in config.rewards.items()}
         for code in self.scorers:
             self.registry.get(code)
+        missing = sorted({d.code for p in self.preferences for d in p.dimensions} - set(self.scorers))
+        if missing:
+            raise ValueError(f"train config: rewards has no reward model for dimensions {', '.join(missing)}")
+        shard_bounds(config.batch_size, self.dist)
+        if config.minibatch_size and config.minibatch_size % self.dist.world_size:
+            raise ValueError(f"minibatch_size {config.minibatch_size} must be a multiple of the number of "
+                             f"ranks {self.dist.world_size}")
+        self.engine = engine or Engine(experts=config.experts, pcm=self.pcm, device=config.device,
+                                       dtype=DTYPES[config.dtype], block_size=config.block_size,
+                                       num_kv_blocks=config.num_kv_blocks, mix_mode=config.mix_mode)
         self.references = (FieldReferences(self.records, config.reference.removeprefix("field:"))
                            if config.reference.startswith("field:") else CachedReferences(self._uniform))
         self.dims = [d.code for d in self.registry.dimensions]

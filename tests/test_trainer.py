@@ -103,6 +103,9 @@ def test_lr_schedule_and_config_errors(setup, tmp_path):
         TrainConfig.from_dict({"prompts": "p", "rewards": {"P1A": {}}, "output_dir": "o"})
     with pytest.raises(ValueError, match="eta must be > 0"):
         make_config(setup, tmp_path, eta=0)
+    with pytest.raises(ValueError, match="no reward model for dimensions P1B, P2A"):
+        Trainer(make_config(setup, tmp_path, rewards={"P1A": {"type": "length"}},
+                            preferences=["P1A", "P1B,P2A"]))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(make_config(setup, tmp_path / "empty"), resume=True)
 
