@@ -20,9 +20,12 @@ B = 64) stays in an H100's 50 MB L2, so the search passes mostly hit L2.
 The thresholds are searched on the bit patterns of π: for floats ≥ 0 the int32 bits order like the
 values, so a search over [0, bits(max π) + 1] ends on the exact k-th largest value in ≤ 31 halvings;
 each pass tests NUM_PIVOTS evenly spaced pivots at once (a (NUM_PIVOTS + 1)-ary search), so 30 bits
-take 8 passes at 15 pivots. The kept set is {v : π(v) ≥ threshold}: ties at the threshold are kept,
+take 8 passes at NUM_PIVOTS = 16. The kept set is {v : π(v) ≥ threshold}: ties at the threshold are kept,
 which is exactly "fewer than top_k tokens are strictly more probable" and "the mass strictly above
 is < top_p · kept mass".
+
+Not measured on a GPU yet (none here). One program per row leaves SMs idle when B < #SMs (132 on an
+H100); splitting V across programs with a second reduction kernel is the next step there.
 """
 
 import torch
