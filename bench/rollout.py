@@ -35,6 +35,7 @@ READ_BYTES_PER_S = 28e9
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and the wind.",
            "How do I sort a list in Python?", "Give three tips for a job interview.",
            "What is the capital of France, and why?", "Summarise the plot of Hamlet in two lines."]
+MAX_PROMPT_TOKENS = 64
 PCM_SEED = 100
 LORA_CONTEXT = 96  # tokens in the cache of each sequence at the timed decode step
 
@@ -121,7 +122,8 @@ class RolloutProviders:
     """`ours` (the Engine, with `BenchPCM`) and `hf-loop` over the same K random experts and PCM, plus the
     bare CausalLM forwards of one decode step (the engine's own models)."""
 
-    def __init__(self, shape_name: str, num_experts: int, device: str, dtype: torch.dtype, cache: Path):
+    def __init__(self, shape_name: str, num_experts: int, device: str, dtype: torch.dtype, cache: Path,
+                 max_batch: int = 32, max_new_tokens: int = 128):
         from mope.engine.engine import Engine
         from mope.engine.loader import load_model, load_tokenizer
         from transformers import AutoModelForCausalLM
@@ -132,7 +134,10 @@ class RolloutProviders:
         head = torch.nn.Linear(self.shape.hidden_size, num_experts).to(device, dtype)
         self.tokenizer = load_tokenizer(pcm_dir)
         provider = BenchPCM(load_model(pcm_dir, device, dtype), head, self.tokenizer, num_experts)
-        self.engine = Engine(expert_dirs, pcm=provider, device=device, dtype=dtype)
+        # a pool just large enough for the largest run (every prompt is shorter than MAX_PROMPT_TOKENS)
+        blocks = max_batch * (num_experts + 1) * -(-(MAX_PROMPT_TOKENS + max_new_tokens) // 16)
+        self.engine = Engine(expert_dirs, pcm=provider, device=device, dtype=dtype, num_kv_blocks=blocks,
+                             max_num_seqs=max_batch)
         hf_load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.hf_models = [hf_load(d) for d in expert_dirs]
         self.loop_pcm = LoopPCM(hf_load(pcm_dir), head)
@@ -169,7 +174,8 @@ def forward_models(step: DecodeStep, models, num_with_logits: int) -> None:
 @torch.inference_mode()
 def rollout_table(args) -> list[str]:
     dtype = getattr(torch, args.dtype)
-    setup = RolloutProviders(args.shape, args.experts, args.device, dtype, args.cache_dir)
+    setup = RolloutProviders(args.shape, args.experts, args.device, dtype, args.cache_dir, max(args.batch),
+                             args.new_tokens)
     shape, new = setup.shape, args.new_tokens
     weights = args.experts * matmul_params(shape) + matmul_params(shape, logits=False)
     lines = ["| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms "

@@ -24,7 +24,7 @@ NUM_EXPERTS, RANK, NEW_TOKENS = 3, 16, 32
 
 @pytest.fixture(scope="module")
 def rollout():
-    return RolloutProviders(SHAPE, NUM_EXPERTS, "cpu", torch.float32, CACHE)
+    return RolloutProviders(SHAPE, NUM_EXPERTS, "cpu", torch.float32, CACHE, 32, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
