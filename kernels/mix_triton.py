@@ -189,6 +189,8 @@ def mix_sample_kernel(
 
     token = best_token
     if temperature > 0:
+        # other threads of this program wrote the scratch row: make their stores visible (bar.sync)
+        tl.debug_barrier()
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         threshold = best.to(tl.int32, bitcast=True) * 0  # bits of 0.0: every token kept
