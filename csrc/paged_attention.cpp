@@ -1,8 +1,8 @@
 // Paged decode attention on CPU: one query token per sequence against its K/V in a paged cache.
 //
-// One task per (sequence, kv head): the task's G = Hq / Hkv query heads share every K/V row it reads,
-// so each cached row is loaded once. The context is walked block by block with an online softmax
-// (running max m, running sum l, fp32 accumulator), as in flash-decoding. The caches' block dim may
+// A task is one sequence and a run of its kv heads; the G = Hq / Hkv query heads of a kv head share
+// every K/V row it reads, so each cached row is loaded once. The context is walked block by block with
+// an online softmax (running max m, running sum l, fp32 accumulator), as in flash-decoding. The caches' block dim may
 // have any stride (the KV pool hands out strided views); within a block they are contiguous.
 #include <torch/extension.h>
 
@@ -107,41 +107,48 @@ void rows_to_float(const scalar_t* src, int64_t row_stride, int64_t n, int64_t h
     for (int64_t d = 0; d < head_dim; ++d) dst[t * head_dim + d] = static_cast<float>(src[t * row_stride + d]);
 }
 
-// One (sequence, kv head): walk the sequence's blocks, then write acc / sum for its `group` query heads.
+// One sequence, kv heads [0, num_kv) of the pointers given: walk the sequence's blocks once, each block
+// for all those heads (a block's rows are contiguous across heads, so the walk streams through memory),
+// then write acc / sum for their num_kv * group query heads.
 template <typename scalar_t>
-void decode_one_kv_head(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
-                        int64_t block_stride, int64_t token_stride, const int32_t* block_table, int64_t length,
-                        int64_t block_size, int64_t group, int64_t head_dim, float scale, scalar_t* out,
-                        std::vector<float>& buffer) {
+void decode_kv_heads(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
+                     int64_t block_stride, int64_t token_stride, const int32_t* block_table, int64_t length,
+                     int64_t block_size, int64_t num_kv, int64_t group, int64_t head_dim, float scale,
+                     scalar_t* out, std::vector<float>& buffer) {
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const int64_t rows = num_kv * group;  // query heads served
   const int64_t converted = is_float ? 0 : 2 * block_size * head_dim;  // K and V rows of a block, in fp32
-  buffer.assign(2 * group * head_dim + block_size + 2 * group + converted, 0.0f);
+  buffer.assign(2 * rows * head_dim + block_size + 2 * rows + converted, 0.0f);
   float* q_f = buffer.data();
-  float* acc = q_f + group * head_dim;
-  float* scores = acc + group * head_dim;
+  float* acc = q_f + rows * head_dim;
+  float* scores = acc + rows * head_dim;
   float* running_max = scores + block_size;
-  float* running_sum = running_max + group;
-  float* k_f = running_sum + group;
+  float* running_sum = running_max + rows;
+  float* k_f = running_sum + rows;
   float* v_f = k_f + block_size * head_dim;
-  std::fill(running_max, running_max + group, -std::numeric_limits<float>::infinity());
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < head_dim; ++d) q_f[g * head_dim + d] = static_cast<float>(q[g * q_head_stride + d]) * scale;
+  std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < head_dim; ++d) q_f[r * head_dim + d] = static_cast<float>(q[r * q_head_stride + d]) * scale;
 
   for (int64_t start = 0; start < length; start += block_size) {
     const int64_t n = std::min(block_size, length - start);
     const int64_t offset = block_table[start / block_size] * block_stride;
-    if constexpr (is_float) {
-      attend_block(q_f, group, head_dim, k_cache + offset, v_cache + offset, token_stride, n, scores, acc, running_max,
-                   running_sum);
-    } else {
-      rows_to_float(k_cache + offset, token_stride, n, head_dim, k_f);
-      rows_to_float(v_cache + offset, token_stride, n, head_dim, v_f);
-      attend_block(q_f, group, head_dim, k_f, v_f, head_dim, n, scores, acc, running_max, running_sum);
+    for (int64_t h = 0; h < num_kv; ++h) {
+      const int64_t r = h * group, head_offset = offset + h * head_dim;
+      if constexpr (is_float) {
+        attend_block(q_f + r * head_dim, group, head_dim, k_cache + head_offset, v_cache + head_offset, token_stride,
+                     n, scores, acc + r * head_dim, running_max + r, running_sum + r);
+      } else {
+        rows_to_float(k_cache + head_offset, token_stride, n, head_dim, k_f);
+        rows_to_float(v_cache + head_offset, token_stride, n, head_dim, v_f);
+        attend_block(q_f + r * head_dim, group, head_dim, k_f, v_f, head_dim, n, scores, acc + r * head_dim,
+                     running_max + r, running_sum + r);
+      }
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const float inv_sum = 1.0f / running_sum[g];
-    for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv_sum = 1.0f / running_sum[r];
+    for (int64_t d = 0; d < head_dim; ++d) out[r * head_dim + d] = static_cast<scalar_t>(acc[r * head_dim + d] * inv_sum);
   }
 }
 
@@ -176,16 +183,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const int64_t q_stride_b = q.stride(0), q_stride_h = q.stride(1);
     const int64_t block_stride = k_cache.stride(0), token_stride = k_cache.stride(1);
-    at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // a task = one sequence and a run of its kv heads: whole sequences when the batch alone feeds every
+    // thread (4 tasks each), else the heads split as finely as needed
+    const int64_t splits = std::min(num_kv_heads, (4 * at::get_num_threads() + batch - 1) / batch);
+    const int64_t heads_per_task = (num_kv_heads + splits - 1) / splits;
+    const int64_t tasks_per_seq = (num_kv_heads + heads_per_task - 1) / heads_per_task;
+    at::parallel_for(0, batch * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buffer;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / num_kv_heads, kv_head = task % num_kv_heads;
-        const int64_t first_head = kv_head * group;
-        decode_one_kv_head<scalar_t>(q_ptr + b * q_stride_b + first_head * q_stride_h, q_stride_h,
-                                     k_ptr + kv_head * head_dim, v_ptr + kv_head * head_dim, block_stride,
-                                     token_stride, tables + b * table_stride, lens[b], block_size, group, head_dim,
-                                     static_cast<float>(scale), out_ptr + (b * num_heads + first_head) * head_dim,
-                                     buffer);
+        const int64_t b = task / tasks_per_seq, kv_head = task % tasks_per_seq * heads_per_task;
+        const int64_t num_kv = std::min(heads_per_task, num_kv_heads - kv_head), first_head = kv_head * group;
+        decode_kv_heads<scalar_t>(q_ptr + b * q_stride_b + first_head * q_stride_h, q_stride_h,
+                                  k_ptr + kv_head * head_dim, v_ptr + kv_head * head_dim, block_stride, token_stride,
+                                  tables + b * table_stride, lens[b], block_size, num_kv, group, head_dim,
+                                  static_cast<float>(scale), out_ptr + (b * num_heads + first_head) * head_dim,
+                                  buffer);
       }
     });
   });

@@ -134,3 +134,26 @@ def test_bad_inputs_raise_value_error(message, backend):
     kwargs.update(bad_inputs()[message])
     with pytest.raises(ValueError, match=message):
         paged_decode_attention(**kwargs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(context_lens=[9, 30, 1, 17, 16, 4], num_heads=8, num_kv_heads=4),
+        dict(context_lens=[21, 6], num_heads=6, num_kv_heads=3, block_size=8),
+    ],
+)
+def test_cpu_task_splits(threads, shape):
+    """The C++ kernel gives a task whole sequences or runs of kv heads (a ragged last run included),
+    depending on batch and thread count; every split must agree with dense attention."""
+    args, keys, values = make_case(**shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = paged_decode_attention(*args, scale=0.3, backend="cpu")
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(
+        out.double(), dense_attention(args[0], keys, values, 0.3), atol=2e-5, rtol=1e-5
+    )
