@@ -243,6 +243,11 @@ class LoRAGroup(nn.Module):
     def num_adapters(self) -> int:
         return len(self.adapters)
 
+    @property
+    def config(self):
+        """The base's ModelConfig: every adapter expert has the base's shape (and KV layout)."""
+        return self.base.config
+
     def _hook(self, lora: StackedLoRA):
         def add_delta(module: nn.Module, args: tuple[Tensor], out: Tensor) -> None:
             if self._rows is not None:
