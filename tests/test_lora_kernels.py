@@ -9,14 +9,18 @@ BACKENDS = ["torch", "cpu", "triton"]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-def make_case(num_rows=37, hidden=80, rank=8, out_features=70, num_adapters=3, dtype=torch.float32, seed=0):
-    """Unsorted adapter ids with -1 rows; adapter 1 has no rows; sizes not multiples of the kernel tiles."""
+def make_case(num_rows=37, hidden=80, rank=8, out_features=70, num_adapters=3, dtype=torch.float32, seed=0,
+              sort_rows=False):
+    """Adapter ids with -1 rows, unsorted unless `sort_rows` (each adapter's rows then consecutive);
+    adapter 1 has no rows; sizes not multiples of the kernel tiles."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_rows, hidden, generator=g).to(dtype)
     lora_a = (torch.randn(num_adapters, rank, hidden, generator=g) / hidden**0.5).to(dtype)
     lora_b = torch.randn(num_adapters, out_features, rank, generator=g).to(dtype)
     choices = torch.tensor([-1] + [a for a in range(num_adapters) if a != 1])
     index = choices[torch.randint(0, len(choices), (num_rows,), generator=g)]
+    if sort_rows:
+        index = index.sort().values
     base = torch.randn(num_rows, out_features, generator=g).to(dtype)
     scaling = torch.rand(num_adapters, generator=g) + 0.5
     return x, lora_a, lora_b, index, base, scaling
@@ -32,10 +36,11 @@ def dense_per_row(x, lora_a, lora_b, index, base, scaling):
     return out
 
 
+@pytest.mark.parametrize("sort_rows", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_dense_per_row(backend, dtype):
-    x, lora_a, lora_b, index, base, scaling = make_case(dtype=dtype)
+def test_matches_dense_per_row(backend, dtype, sort_rows):
+    x, lora_a, lora_b, index, base, scaling = make_case(dtype=dtype, sort_rows=sort_rows)
     out = base.clone()
     returned = add_lora(out, x, lora_a, lora_b, index, scaling=scaling, backend=backend)
     assert returned is out and out.dtype == dtype
