@@ -108,3 +108,10 @@ def test_unknown_backend_raises_value_error():
     x, lora_a, lora_b, index, base, _ = make_case(num_rows=3)
     with pytest.raises(ValueError, match="backend"):
         add_lora(base, x, lora_a, lora_b, index, backend="gpu")
+
+
+def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
+    x, lora_a, lora_b, index, base, _ = make_case(num_rows=3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton"):
+        add_lora(base, x, lora_a, lora_b, index, backend="triton")
