@@ -51,13 +51,9 @@ def prefill_attention(
     scale: float,
 ) -> Tensor:
     """Causal attention per sequence; a sequence with a cached prefix reads its K/V from the cache."""
-    bounds = ctx.cu_seqlens_q.tolist()
-    context_lens = ctx.context_lens.tolist() if ctx.context_lens is not None else None
     outputs = []
-    for s in range(len(bounds) - 1):
-        start, end = bounds[s], bounds[s + 1]
+    for s, (start, end, total) in enumerate(ctx.prefill_spans):
         new = end - start
-        total = context_lens[s] if context_lens is not None else new
         if total == new:
             keys, values, mask = k[start:end], v[start:end], None
         else:
