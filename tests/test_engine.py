@@ -268,13 +268,15 @@ def test_sampling_params_are_validated(field, value):
         SamplingParams(**{field: value})
 
 
-def test_generation_stops_at_eos(checkpoints, hf_models):
+def test_generation_stops_at_eos(checkpoints, capsys):
     engine = Engine([checkpoints["llama"]])
     eos = engine.tokenizer.eos_token_id
     first = engine.generate([PROMPTS[0]], sampling=GREEDY)[0]
     # make the greedy 3rd token an end of sequence by declaring it one
     engine.scheduler.eos_ids = {first.token_ids[2], eos}
-    out = engine.generate([PROMPTS[0]], sampling=SamplingParams(temperature=0, max_tokens=16))[0]
+    stopping = SamplingParams(temperature=0, max_tokens=16)
+    out = engine.generate([PROMPTS[0]], sampling=stopping, progress=True)[0]
+    assert "generate: 100%" in capsys.readouterr().err  # the progress bar over requests
     assert out.token_ids == first.token_ids[:3] and out.finish_reason == "stop"
     assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
