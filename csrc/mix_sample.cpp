@@ -5,8 +5,9 @@
 //                (prob mode also stores the exps, relative to the running max, in a K_a x V scratch)
 //   mixture      q(v) = pi(v) up to a constant, into a V-float row buffer: prob mode rescales the
 //                stored exps per block; logit mode sums w_k (z_k - lse_k) and exponentiates once
-//   top-k/top-p  thresholds by a 3-level radix select on the float bits of q (positive floats order
-//                like their bits): counts for top-k, mass for top-p; ties at a threshold are kept
+//   top-k/top-p  thresholds searched on the float bits of q (positive floats order like their bits):
+//                vectorised bisection passes, then an exact radix select over the few values left;
+//                counts for top-k, mass for top-p; ties at a threshold are kept
 //   draw         inverse CDF in vocabulary order over {q >= threshold}, u from the same Philox
 //                stream as kernels/philox.py (tl.rand), so the backends draw the same token
 // Experts with w_k = 0 are never read. Logits of an active expert with NaN or +inf (or all -inf) are
@@ -155,21 +156,6 @@ HOT_LOOP double exp_in_place(float* q, int64_t n, float shift, float scale) {
   return total;
 }
 
-// sum of q over {q >= threshold}, for n <= kDrawBlock (float lanes: a double reduction does not vectorise)
-HOT_LOOP float chunk_kept_sum(const float* q, int64_t n, float threshold) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += q[i] >= threshold ? q[i] : 0.0f;
-  return s;
-}
-
-double kept_sum(const float* q, int64_t n, float threshold) {
-  double s = 0.0;
-  for (int64_t start = 0; start < n; start += kDrawBlock)
-    s += chunk_kept_sum(q + start, std::min(kDrawBlock, n - start), threshold);
-  return s;
-}
-
 // sum over v of e(v) * (x(v) - shift), skipping e(v) = 0 (where x may be -inf)
 HOT_LOOP double block_weighted_sum(const float* e, const float* x, int64_t n, float shift) {
   float s = 0.0f;
@@ -231,52 +217,104 @@ ExpertStats expert_pass(const scalar_t* z, int64_t vocab, float inv_t, bool want
   return stats;
 }
 
-// ---- truncation: radix select on float bits ----
+// ---- truncation: threshold search on float bits ----
+// Positive floats order like their bit patterns, so a threshold is found by searching the bits. W(x) is the
+// weight (mass, or count for top-k) of {q >= x}; the threshold is the largest value t with W(t) >= target
+// (the smallest value when none reaches it). Keeping {q >= t} then keeps exactly the tokens whose strictly
+// greater weight is < target: ties at the boundary are kept together.
+
+// W(x) over n <= kDrawBlock values (float lanes: a double reduction does not vectorise)
+inline float chunk_weight_at_least(const float* q, int64_t n, float x, bool by_mass) {
+  float s = 0.0f;
+  if (by_mass) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += q[i] >= x ? q[i] : 0.0f;
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += q[i] >= x ? 1.0f : 0.0f;
+  }
+  return s;
+}
+
+// W(x) per block of kDrawBlock values into block_weights; returns their sum
+HOT_LOOP double block_weights_at_least(const float* q, int64_t n, float x, bool by_mass, double* block_weights) {
+  double total = 0.0;
+  for (int64_t start = 0, j = 0; start < n; start += kDrawBlock, ++j) {
+    const double w = chunk_weight_at_least(q + start, std::min(kDrawBlock, n - start), x, by_mass);
+    if (block_weights != nullptr) block_weights[j] = w;
+    total += w;
+  }
+  return total;
+}
+
+double weight_at_least(const float* q, int64_t n, float x, bool by_mass) {
+  return block_weights_at_least(q, n, x, by_mass, nullptr);
+}
+
+// Appends the values whose bits are in [lo, hi), scanning only the 32-value chunks that hold one
+HOT_LOOP void collect_bits_in(const float* q, int64_t n, uint32_t lo, uint32_t hi, std::vector<float>& out) {
+  constexpr int64_t kChunk = 32;
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t i = 0; i < len; ++i) any |= (float_bits(q[start + i]) - lo) < (hi - lo);
+    if (!any) continue;
+    for (int64_t i = start; i < start + len; ++i)
+      if (float_bits(q[i]) - lo < hi - lo) out.push_back(q[i]);
+  }
+}
 
 // Walks bins from the highest: the first bin where the weight above it plus its own reaches `target`
 // (the threshold lies in it), else the lowest non-empty bin. Returns the bin and the weight above it.
-std::pair<int, double> pick_bin(const double* hist, int bins, double above, double target) {
-  int lowest = -1;
+std::pair<uint32_t, double> pick_bin(const double* hist, int bins, double above, double target) {
+  int lowest = 0;
   double above_lowest = above;
   for (int b = bins - 1; b >= 0; --b) {
     if (hist[b] == 0.0) continue;
-    if (above + hist[b] >= target) return {b, above};
+    if (above + hist[b] >= target) return {uint32_t(b), above};
     lowest = b;
     above_lowest = above;
     above += hist[b];
   }
-  return {lowest, above_lowest};
+  return {uint32_t(lowest), above_lowest};
 }
 
-// The largest value t among {q >= lower} such that the weight (mass, or count when !by_mass) of the values
-// strictly greater than t is < target while that of the values >= t reaches it; the lowest value when none
-// does. Top-k: by count, target k -> the k-th largest. Top-p: by mass, target top_p * kept mass.
-float radix_select(const float* q, int64_t vocab, float lower, bool by_mass, double target,
-                   std::vector<float>& candidates) {
-  double hist[4096 + 1] = {};  // level 1: bits >> 19 (sign 0, 8 exponent and 4 mantissa bits)
-  for (int64_t v = 0; v < vocab; ++v) {
-    const float x = q[v];
-    const uint32_t bin = x >= lower ? float_bits(x) >> 19 : 4096;  // values below `lower` go to a spare bin
-    hist[bin] += by_mass ? double(x) : 1.0;
+// The threshold among {q >= lower}, for W(lower) = total. A vectorised bisection over the bits, one pass
+// over q per halving, brackets it within 2^19 bit patterns (1/16 of a binade: few values); the values there
+// are collected and resolved exactly by a two-level radix select (10 + 9 bits).
+float select_threshold(const float* q, int64_t vocab, float lower, bool by_mass, double target, double total,
+                       std::vector<float>& candidates) {
+  constexpr int kLowBits = 19;
+  uint32_t lo = float_bits(lower), hi = float_bits(max_of(q, vocab)) + 1;
+  if (by_mass) {  // W(x) >= total - V x, so x = (total - target) / V still has W(x) >= target
+    const float floor_value = float((total - target) / double(vocab) * (1.0 - 1e-6));
+    lo = std::max(lo, float_bits(floor_value));
   }
-  int bin;
-  double above;
-  std::tie(bin, above) = pick_bin(hist, 4096, 0.0, target);
-  uint32_t prefix = uint32_t(bin) << 19;
+  double above = 0.0;  // W(hi)
+  while (hi > lo && hi - lo > (1u << kLowBits)) {  // bisection: W(lo) >= target > W(hi) = above
+    const uint32_t mid = lo + (hi - lo) / 2;
+    const double w = weight_at_least(q, vocab, bits_float(mid), by_mass);
+    if (w >= target) {
+      lo = mid;
+    } else {
+      hi = mid;
+      above = w;
+    }
+  }
   candidates.clear();
-  for (int64_t v = 0; v < vocab; ++v)
-    if (q[v] >= lower && (float_bits(q[v]) >> 19) == uint32_t(bin)) candidates.push_back(q[v]);
-  // levels 2 and 3: the next 10 and the last 9 bits, over the candidates only
-  for (const int shift : {9, 0}) {
-    const uint32_t mask = shift == 9 ? 1023u : 511u;
-    std::fill(hist, hist + mask + 1, 0.0);
-    for (const float x : candidates) hist[(float_bits(x) >> shift) & mask] += by_mass ? x : 1.0;
-    std::tie(bin, above) = pick_bin(hist, int(mask + 1), above, target);
-    prefix |= uint32_t(bin) << shift;
-    const auto outside = [&](float x) { return ((float_bits(x) >> shift) & mask) != uint32_t(bin); };
-    candidates.erase(std::remove_if(candidates.begin(), candidates.end(), outside), candidates.end());
-  }
-  return bits_float(prefix);
+  collect_bits_in(q, vocab, lo, hi, candidates);
+  double hist[1 << 10];
+  std::fill(hist, hist + 1024, 0.0);
+  for (const float x : candidates) hist[(float_bits(x) - lo) >> 9] += by_mass ? x : 1.0;
+  uint32_t bin;
+  std::tie(bin, above) = pick_bin(hist, 1024, above, target);
+  const uint32_t prefix = lo + (bin << 9);
+  std::fill(hist, hist + 512, 0.0);
+  for (const float x : candidates)
+    if (float_bits(x) - prefix < 512u) hist[float_bits(x) - prefix] += by_mass ? x : 1.0;
+  std::tie(bin, above) = pick_bin(hist, 512, above, target);
+  return bits_float(prefix + bin);
 }
 
 // First v, in vocabulary order, whose running sum over {q >= threshold} exceeds u * (their total);
@@ -284,11 +322,7 @@ float radix_select(const float* q, int64_t vocab, float lower, bool by_mass, dou
 int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, std::vector<double>& block_sums) {
   const int64_t blocks = (vocab + kDrawBlock - 1) / kDrawBlock;
   block_sums.resize(blocks);
-  double total = 0.0;
-  for (int64_t j = 0; j < blocks; ++j) {
-    block_sums[j] = chunk_kept_sum(q + j * kDrawBlock, std::min(kDrawBlock, vocab - j * kDrawBlock), threshold);
-    total += block_sums[j];
-  }
+  const double total = block_weights_at_least(q, vocab, threshold, true, block_sums.data());
   const double target = double(u) * total;
   double running = 0.0;
   int64_t j = 0;
@@ -433,11 +467,14 @@ void sample_row(const scalar_t* row, const RowInput& in, float top_p, int64_t to
     token = first_argmax(s.q.data(), in.vocab);
   } else {
     float threshold = kSmallestPositive;
-    if (top_k > 0 && top_k < in.vocab)
-      threshold = radix_select(s.q.data(), in.vocab, threshold, false, double(top_k), s.candidates);
+    if (top_k > 0 && top_k < in.vocab) {
+      const double positive = weight_at_least(s.q.data(), in.vocab, threshold, false);
+      threshold = select_threshold(s.q.data(), in.vocab, threshold, false, double(top_k), positive, s.candidates);
+    }
     if (top_p < 1.0f) {
-      const double kept_mass = kept_sum(s.q.data(), in.vocab, threshold);
-      threshold = radix_select(s.q.data(), in.vocab, threshold, true, double(top_p) * kept_mass, s.candidates);
+      const double kept_mass = weight_at_least(s.q.data(), in.vocab, threshold, true);
+      threshold = select_threshold(s.q.data(), in.vocab, threshold, true, double(top_p) * kept_mass, kept_mass,
+                                   s.candidates);
     }
     token = inverse_cdf(s.q.data(), in.vocab, threshold, u, s.block_sums);
   }
