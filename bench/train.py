@@ -50,6 +50,13 @@ def write_inputs(work: Path) -> tuple[Path, Path]:
     return work / "prompts.json", work / "preferences.json"
 
 
+def kv_blocks(args, block_size: int = 16) -> int:
+    """KV blocks for a step's 2 * pairs sequences, 4 tracks each (3 experts and the PCM, whose prompt
+    holds the preference prompts: < 384 tokens of the character-level tokenizer)."""
+    per_track = -(-(384 + args.new_tokens) // block_size)
+    return 4 * per_track * 2 * args.pairs
+
+
 def make_ours(args, experts: list[Path], pcm_dir: Path, work: Path):
     from mope.config import TrainConfig
     from mope.trainer import Trainer
@@ -61,7 +68,7 @@ def make_ours(args, experts: list[Path], pcm_dir: Path, work: Path):
         rewards={code: {"type": "keywords", "words": [w]} for code, w in KEYWORDS.items()},
         preferences_file=str(registry), reference="field:ref", steps=args.steps + 1, batch_size=args.pairs,
         epochs=args.epochs, max_tokens=args.new_tokens, lr=1e-5, schedule="constant", seed=PCM_SEED,
-        device=args.device, dtype=args.dtype, plot=False, progress=False)
+        device=args.device, dtype=args.dtype, plot=False, progress=False, num_kv_blocks=kv_blocks(args))
     return Trainer(config)
 
 
