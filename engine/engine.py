@@ -58,8 +58,14 @@ class Engine:
             raise ValueError(f"experts must be a non-empty list of checkpoint directories, got {experts!r}")
         if mix_mode not in ("prob", "logit"):
             raise ValueError(f"mix_mode must be 'prob' or 'logit', got {mix_mode!r}")
-        if not isinstance(block_size, int) or block_size < 1:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
+        limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.expert_paths = [Path(p) for p in experts]
         self.num_experts = len(experts)
         self.provider = pcm
@@ -104,8 +110,9 @@ class Engine:
             useful = max_num_seqs * sum(-(-context_limit(c) // self.block_size) for c in self.configs)
             budget = min(int(free_memory(self.device) * KV_MEMORY_FRACTION), KV_MEMORY_CAP)
             return max(1, min(useful, budget // block_bytes))
-        if kv_cache_memory < block_bytes:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no KV block "
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) \
+                or kv_cache_memory < block_bytes:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory!r} bytes holds no KV block "
                              f"({block_bytes} bytes)")
         return kv_cache_memory // block_bytes
 

@@ -253,6 +253,24 @@ def test_bad_inputs_are_value_errors_naming_the_problem(checkpoints):
     assert engine.scheduler.is_finished()
 
 
+BAD_ENGINE_ARGUMENTS = [("block_size", 0), ("num_kv_blocks", 0), ("kv_cache_memory", 100),
+                        ("mix_mode", "sum"), ("dtype", torch.int8), ("max_num_seqs", 0),
+                        ("max_num_batched_tokens", 1.5)]
+
+
+@pytest.mark.parametrize("argument, value", BAD_ENGINE_ARGUMENTS)
+def test_bad_engine_arguments_are_named(checkpoints, argument, value):
+    with pytest.raises(ValueError, match=argument):
+        Engine([checkpoints["llama"]], **{argument: value})
+
+
+def test_missing_or_empty_experts_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="experts must be a non-empty list"):
+        Engine([])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Engine([tmp_path])
+
+
 def test_mismatched_vocabularies_are_refused_naming_both_models(checkpoints):
     with pytest.raises(ValueError, match=r"expert 0 \(.*llama\) and expert 1 \(.*other_vocab\) do not share"):
         Engine([checkpoints["llama"], checkpoints["other_vocab"]])
