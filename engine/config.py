@@ -32,7 +32,7 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: RMSNorm over head_dim of q and k before rope
     # Mistral / Qwen sliding-window attention is not implemented: outputs are exact while a sequence
-    # is at most this long (the window), and that is the only case we serve.
+    # is at most this long (the window), and CausalLM.forward refuses positions beyond it.
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

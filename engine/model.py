@@ -184,6 +184,12 @@ class CausalLM(nn.Module):
                 f"kv_cache must hold one (k, v) pair per layer ({self.config.num_layers}), "
                 f"got {len(kv_cache)}"
             )
+        window = self.config.sliding_window
+        if window is not None and len(positions) and int(positions.max()) >= window:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the sliding window ({window} tokens), which is "
+                "not implemented: keep sequences within the window"
+            )
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
         residual = None

@@ -206,3 +206,15 @@ def test_forward_rejects_bad_shapes(models):
         ours(torch.tensor([5, 6]), torch.tensor([0]), ctx, None)
     with pytest.raises(ValueError, match="kv_cache"):
         ours(torch.tensor([5, 6]), torch.tensor([0, 1]), ctx, [])
+
+
+def test_sliding_window_is_exact_within_and_refused_beyond(tmp_path):
+    path = make_tiny_checkpoint(tmp_path, "mistral", sliding_window=8)
+    ours, reference = load_model(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = make_prompts()[2][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            prefill_without_cache(ours, [prompt]), reference(prompt[None]).logits[0], atol=2e-5, rtol=1e-5
+        )
+        with pytest.raises(ValueError, match="sliding window"):
+            prefill_without_cache(ours, [make_prompts()[2][:9]])
