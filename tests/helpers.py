@@ -17,6 +17,7 @@ from transformers import (
 
 CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+QWEN_UNK_TOKEN = "<|endoftext|>"
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "Explain the answer in simple words, like to a child.",
@@ -36,7 +37,8 @@ TINY_DEFAULTS = dict(
 
 
 def make_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes) trained on a few sentences; ids 0..2 = pad, bos, eos."""
+    """A byte-level BPE tokenizer (any text encodes) trained on a few sentences: `vocab_size` tokens, ids
+    0..2 = pad, bos, eos, plus "<|endoftext|>" at id `vocab_size`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -47,6 +49,9 @@ def make_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    # transformers' Qwen2 tokenizer class adds this token when it is missing; having it everywhere keeps
+    # the vocabularies of checkpoints of different architectures identical
+    tokenizer.add_special_tokens([QWEN_UNK_TOKEN])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -72,7 +77,7 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Save a random tiny `arch` model (safetensors, fp32) and a tokenizer into `path`; return the path.
 
-    `arch` is one of "llama", "mistral", "qwen2", "qwen3"; `vocab` (≥ 300, the tokenizer's size) is the
+    `arch` is one of "llama", "mistral", "qwen2", "qwen3"; `vocab` (≥ 301, the tokenizer's size) is the
     model's vocabulary; `config_overrides` go to the transformers config (e.g. tie_word_embeddings=True,
     num_key_value_heads=1, rope_parameters={...}).
     """

@@ -161,3 +161,12 @@ def test_dtype_and_tokenizer(checkpoint):
     tokenizer = load_tokenizer(checkpoint)
     text = "The quick brown fox."
     assert tokenizer.decode(tokenizer(text).input_ids) == text
+
+
+def test_tiny_checkpoints_of_every_architecture_share_one_vocabulary(tmp_path):
+    """tests/helpers.py promise: experts of different architectures can be mixed in one engine."""
+    vocabularies = [
+        load_tokenizer(make_tiny_checkpoint(tmp_path / arch, arch)).get_vocab()
+        for arch in ("llama", "mistral", "qwen2", "qwen3")
+    ]
+    assert len(vocabularies[0]) == 301 and all(v == vocabularies[0] for v in vocabularies)
