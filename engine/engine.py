@@ -20,8 +20,9 @@ from mope.engine.weight_provider import WeightProvider, check_simplex
 from torch import Tensor
 from tqdm.auto import tqdm
 
-KV_MEMORY_FRACTION = 0.25  # of free memory, by default
-KV_MEMORY_CAP = 4 << 30  # bytes, by default
+# default KV pool budget: this fraction of free memory (GPU) or of available memory (CPU, capped)
+KV_MEMORY_FRACTION = {"cuda": 0.5, "cpu": 0.25}
+KV_MEMORY_CAP_CPU = 4 << 30
 
 
 @dataclass
@@ -88,11 +89,12 @@ class Engine:
         self.configs = configs
         self.eos_ids = eos_token_ids(self.expert_paths[0], configs[0], self.tokenizer)
 
+        self.num_kv_blocks = self._pool_size(num_kv_blocks, kv_cache_memory, dtype, max_num_seqs)
+
         models, groups = load_experts(self.expert_paths, self.device, dtype)
         if provider_model is not None:
             models.append(provider_model)
             groups.append(ForwardGroup(provider_model, {self.num_experts: -1}))
-        self.num_kv_blocks = self._pool_size(num_kv_blocks, kv_cache_memory, dtype, max_num_seqs)
         self.pool = KVPool(configs, self.num_kv_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(self.num_kv_blocks, block_size, self.pool.copy_block)
         self.scheduler = Scheduler(self.block_manager, self.eos_ids, max_num_seqs, max_num_batched_tokens)
@@ -108,7 +110,9 @@ class Engine:
             return num_kv_blocks
         if kv_cache_memory is None:
             useful = max_num_seqs * sum(-(-context_limit(c) // self.block_size) for c in self.configs)
-            budget = min(int(free_memory(self.device) * KV_MEMORY_FRACTION), KV_MEMORY_CAP)
+            budget = int(free_memory(self.device) * KV_MEMORY_FRACTION.get(self.device.type, 0.25))
+            if self.device.type == "cpu":
+                budget = min(budget, KV_MEMORY_CAP_CPU)
             return max(1, min(useful, budget // block_bytes))
         if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) \
                 or kv_cache_memory < block_bytes:
