@@ -43,7 +43,9 @@ def write_inputs(work: Path) -> tuple[Path, Path]:
 
     data = json.loads(resources.files("mope").joinpath("data/preferences.json").read_text())
     for code, dim in data["dimensions"].items():
-        dim["expert"] = EXPERT_OF[code]
+        # one-word preference prompts: the naive loop's PCM reads the experts' prompt (hf_loop feeds every
+        # model the same ids), so ours reads nearly the same number of tokens
+        dim["expert"], dim["prompt"] = EXPERT_OF[code], f"{dim['name'].capitalize()}."
     (work / "preferences.json").write_text(json.dumps(data))
     records = [{"prompt": p, "ref": "a reference answer"} for p in PROMPTS]
     (work / "prompts.json").write_text(json.dumps(records))
@@ -51,9 +53,9 @@ def write_inputs(work: Path) -> tuple[Path, Path]:
 
 
 def kv_blocks(args, block_size: int = 16) -> int:
-    """KV blocks for a step's 2 * pairs sequences, 4 tracks each (3 experts and the PCM, whose prompt
-    holds the preference prompts: < 384 tokens of the character-level tokenizer)."""
-    per_track = -(-(384 + args.new_tokens) // block_size)
+    """KV blocks for a step's 2 * pairs sequences, 4 tracks each (3 experts and the PCM; prompts are
+    < 128 tokens of the character-level tokenizer)."""
+    per_track = -(-(128 + args.new_tokens) // block_size)
     return 4 * per_track * 2 * args.pairs
 
 
