@@ -7,7 +7,8 @@ HF loop for rollouts and a full forward of every expert in the update. Same K ra
 PCM (backbone + head), P prompts x 2 responses, `--new-tokens` each, `--epochs` optimiser epochs. Steps
 run interleaved (ours, naive, ours, ...) after one warm-up step each; medians are reported.
 
-    python bench/train.py                  # llama-160m experts and PCM, 3 experts, 4 pairs, 32 tokens
+    python bench/train.py                  # 3 llama-160m experts and a llama-160m PCM, 4 pairs, 32 tokens
+    python bench/train.py --pcm-shape small   # the paper's proportions: a PCM much smaller than the experts
     python bench/train.py --smoke          # tiny shape, 1 pair, 4 tokens: a fast check that it all runs
 """
 
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.hf_loop import LoopPCM  # noqa: E402
 from bench.baselines.naive_rebel import naive_rebel_step  # noqa: E402
-from bench.shapes import SHAPES, make_random_checkpoint  # noqa: E402
+from bench.shapes import SHAPES, Shape, make_random_checkpoint  # noqa: E402
 
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and the wind.",
            "How do I sort a list in Python?", "Give three tips for a job interview.",
@@ -35,6 +36,10 @@ KEYWORDS = {"P1A": "a", "P1B": "e", "P2A": "i", "P2B": "o", "P3A": "s", "P3B": "
 # each axis served by one expert: every composite preference activates all three
 EXPERT_OF = {"P1A": 0, "P1B": 0, "P2A": 1, "P2B": 1, "P3A": 2, "P3B": 2}
 PCM_SEED = 100
+# The paper's PCM (160M) is ~44x smaller than its 7B experts; "small" keeps a PCM much smaller than the
+# llama-160m experts (3.2M decoder parameters against 85M, the same 32000-token vocabulary).
+PCM_SHAPES = {"small": Shape(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=688, vocab_size=32000)}
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-160m", choices=sorted(SHAPES),
                         help="experts' and PCM's shape")
+    parser.add_argument("--pcm-shape", default="same", choices=["same", *PCM_SHAPES],
+                        help="the PCM's shape: the experts' (same) or a smaller one")
     parser.add_argument("--pairs", type=int, default=4, help="(prompt, preference) pairs per step")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per response")
     parser.add_argument("--epochs", type=int, default=2, help="optimiser epochs per step")
@@ -111,11 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 1 pair, 4 tokens, 1 step")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.shape, args.pairs, args.new_tokens, args.epochs, args.steps = "tiny", 1, 4, 1, 1
+        args.shape, args.pcm_shape = "tiny", "same"
+        args.pairs, args.new_tokens, args.epochs, args.steps = 1, 4, 1, 1
     torch.manual_seed(0)
     experts = [make_random_checkpoint(args.cache_dir / args.shape / f"expert{i}", args.shape, seed=i)
                for i in range(3)]
-    pcm_dir = make_random_checkpoint(args.cache_dir / args.shape / "pcm", args.shape, seed=PCM_SEED)
+    pcm_shape = args.shape if args.pcm_shape == "same" else PCM_SHAPES[args.pcm_shape]
+    pcm_dir = make_random_checkpoint(args.cache_dir / args.shape / f"pcm-{args.pcm_shape}", pcm_shape,
+                                     seed=PCM_SEED)
 
     with tempfile.TemporaryDirectory() as work:
         ours = make_ours(args, experts, pcm_dir, Path(work))
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 record = fn(step + 1)
                 if step:
                     runs[name].append(record)
-    print(f"REBEL step: shape {args.shape}, 3 experts + PCM, {args.pairs} pairs x 2 responses x "
+    print(f"REBEL step: 3 {args.shape} experts + PCM ({args.pcm_shape}), {args.pairs} pairs x 2 responses x "
           f"{args.new_tokens} tokens, {args.epochs} epochs, {args.device} {args.dtype}, "
           f"median of {args.steps} steps\n")
     print("| provider | rollout tok/s | update tok/s | steps/s | step speedup |")
