@@ -117,26 +117,26 @@ class PCM(nn.Module):
         (S prompts, S responses, (S, K) bool) -> (sum of response lengths, K)."""
         if not len(prompt_ids) == len(response_ids) == active.shape[0]:
             raise ValueError("prompt_ids, response_ids and active must have one length")
-        device = self.head.weight.device
-        seqs = [[*p, *r[:-1]] if len(r) else [] for p, r in zip(prompt_ids, response_ids, strict=True)]
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("prompt_ids: every PCM prompt needs at least one token")
-        lens = [len(s) for s in seqs if s]
-        input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lens]) if lens else input_ids
-        cu = torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
-        ctx = AttentionContext(is_prefill=True, cu_seqlens_q=cu.to(device),
-                               context_lens=torch.tensor(lens, dtype=torch.int32, device=device))
-        hidden = self.model(input_ids, positions, ctx, None) if lens else input_ids.new_zeros(0)
-        rows, offset = [], 0
-        for p, r, s in zip(prompt_ids, response_ids, seqs, strict=True):
-            rows.append(torch.arange(offset + len(p) - 1, offset + len(p) - 1 + len(r)))
-            offset += len(s)
-        lengths = torch.tensor([len(r) for r in response_ids])
-        index = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.int64, device=device)
-        if index.numel() == 0:
+        device = self.head.weight.device
+        # sequence s reads its prompt and all but the last response token; the state after reading
+        # prompt + response[:t] gives alpha_t. Sequences with an empty response are left out.
+        kept = [i for i, r in enumerate(response_ids) if len(r)]
+        if not kept:
             return torch.zeros(0, self.n_experts, device=device)
-        return self.log_weights(hidden[index], active.to(device).repeat_interleave(lengths.to(device), 0))
+        seqs = [[*prompt_ids[i], *response_ids[i][:-1]] for i in kept]
+        lens = torch.tensor([len(seq) for seq in seqs], dtype=torch.int32)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0, dtype=torch.int32)])
+        starts = bounds[:-1]
+        ctx = AttentionContext(is_prefill=True, cu_seqlens_q=bounds.to(device), context_lens=lens.to(device))
+        input_ids = torch.tensor([t for seq in seqs for t in seq], device=device)
+        positions = torch.cat([torch.arange(len(seq)) for seq in seqs]).to(device)
+        hidden = self.model(input_ids, positions, ctx, None)
+        rows = torch.cat([torch.arange(len(response_ids[i])) + starts[j] + len(prompt_ids[i]) - 1
+                          for j, i in enumerate(kept)]).to(device)
+        lengths = torch.tensor([len(response_ids[i]) for i in kept], device=device)
+        return self.log_weights(hidden[rows], active.to(device)[kept].repeat_interleave(lengths, 0))
 
     def forward_weights(self, pcm_prompt_ids: Sequence[int], response_ids: Sequence[int],
                         active: Sequence[bool] | Tensor) -> Tensor:
