@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import ModelConfig
 from .context import AttentionContext
+from .linear import Linear, fast_linear
 
 # checkpoint module name -> (our fused module, shard index)
 PACKED_MODULES = {
@@ -24,7 +25,7 @@ PACKED_MODULES = {
 }
 
 
-class MergedLinear(nn.Linear):
+class MergedLinear(Linear):
     """A linear layer whose output rows are the concatenation of several checkpoint layers' rows."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         )
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -102,7 +103,7 @@ class MLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -151,9 +152,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Transformer(config)
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", config.rope_inv_freq(), persistent=False)
 
@@ -200,4 +199,4 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(M, hidden) -> (M, vocab) fp32 logits."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return fast_linear(hidden, weight).float()
