@@ -101,9 +101,10 @@ def build_pcm(config: TrainConfig) -> PCM:
 
 
 class Trainer:
-    """One REBEL run. ``engine`` is a ``mope.Engine`` over the experts whose weight provider is ``pcm``."""
+    """One REBEL run: a ``mope.Engine`` over the experts with the PCM as its weight provider. ``pcm`` and
+    ``scorers`` override what the config builds; ``resume`` continues from the latest checkpoint."""
 
-    def __init__(self, config: TrainConfig, engine=None, pcm: PCM | None = None, scorers: dict | None = None,
+    def __init__(self, config: TrainConfig, pcm: PCM | None = None, scorers: dict | None = None,
                  dist_info: DistInfo | None = None, resume: bool = False):
         from mope.api import Engine
 
@@ -131,9 +132,9 @@ class Trainer:
         if config.minibatch_size and config.minibatch_size % self.dist.world_size:
             raise ValueError(f"minibatch_size {config.minibatch_size} must be a multiple of the number of "
                              f"ranks {self.dist.world_size}")
-        self.engine = engine or Engine(experts=config.experts, pcm=self.pcm, device=config.device,
-                                       dtype=DTYPES[config.dtype], block_size=config.block_size,
-                                       num_kv_blocks=config.num_kv_blocks, mix_mode=config.mix_mode)
+        self.engine = Engine(experts=config.experts, pcm=self.pcm, device=config.device,
+                             dtype=DTYPES[config.dtype], block_size=config.block_size,
+                             num_kv_blocks=config.num_kv_blocks, mix_mode=config.mix_mode)
         self.references = (FieldReferences(self.records, config.reference.removeprefix("field:"))
                            if config.reference.startswith("field:") else CachedReferences(self._uniform))
         self.dims = [d.code for d in self.registry.dimensions]
