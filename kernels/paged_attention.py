@@ -34,9 +34,9 @@ def paged_decode_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if q.is_cuda else "cpu"
-    module = _cpp_module() if backend == "cpu" else None
     if backend == "cpu" and q.is_cuda:
         raise ValueError("backend='cpu' needs CPU tensors, got CUDA ones")
+    module = _cpp_module() if backend == "cpu" else None
     if module is not None:  # checks context_lens and the block ids it reads itself, for free
         return module.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
     if not q.is_cuda:  # on CUDA the check would cost a device sync per call
