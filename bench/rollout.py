@@ -19,7 +19,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -172,22 +172,22 @@ def forward_models(step: DecodeStep, models, num_with_logits: int) -> None:
 
 
 @torch.inference_mode()
-def rollout_table(args) -> list[str]:
+def rollout_table(args) -> Iterator[str]:
     dtype = getattr(torch, args.dtype)
     setup = RolloutProviders(args.shape, args.experts, args.device, dtype, args.cache_dir, max(args.batch),
                              args.new_tokens)
     shape, new = setup.shape, args.new_tokens
     weights = args.experts * matmul_params(shape) + matmul_params(shape, logits=False)
-    lines = ["| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms "
-             "| bare forwards ms | overhead | floor step ms |", "|" + "---|" * 9]
+    yield "| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms " \
+          "| bare forwards ms | overhead | floor step ms |"
+    yield "|" + "---|" * 9
     for batch in args.batch:
         ms = median_ms(setup.providers(batch, new), args.repeats)
         our_step = ms["ours"] / new
         floor = floor_ms(2 * batch * weights, 4 * weights)
-        lines.append(f"| {batch} | {rate(batch * new, ms['ours'])} | {rate(batch * new, ms['hf-loop'])} "
-                     f"| {ms['hf-loop'] / ms['ours']:.2f}x | {rate(batch, floor)} | {our_step:.1f} "
-                     f"| {ms['bare']:.1f} | {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
-    return lines
+        yield (f"| {batch} | {rate(batch * new, ms['ours'])} | {rate(batch * new, ms['hf-loop'])} "
+               f"| {ms['hf-loop'] / ms['ours']:.2f}x | {rate(batch, floor)} | {our_step:.1f} "
+               f"| {ms['bare']:.1f} | {1 - ms['bare'] / our_step:.0%} | {floor:.1f} |")
 
 
 class LoRAProviders:
@@ -221,23 +221,23 @@ class LoRAProviders:
 
 
 @torch.inference_mode()
-def lora_table(args) -> list[str]:
+def lora_table(args) -> Iterator[str]:
     setup = LoRAProviders(args.shape, args.experts, args.rank, args.device, getattr(torch, args.dtype),
                           args.cache_dir)
     k, weights, lora = args.experts, matmul_params(setup.shape), setup.adapter_params
-    lines = ["| B | lora-experts tok/s | full-experts tok/s | merged-single tok/s | lora / full "
-             "| lora / merged | floor tok/s lora / full / merged |", "|" + "---|" * 7]
+    yield "| B | lora-experts tok/s | full-experts tok/s | merged-single tok/s | lora / full " \
+          "| lora / merged | floor tok/s lora / full / merged |"
+    yield "|" + "---|" * 7
     for batch in args.lora_batch:
         ms = median_ms(setup.providers(batch, LORA_CONTEXT), args.repeats)
         floors = (floor_ms(2 * k * batch * (weights + lora), 4 * (weights + k * lora)),
                   floor_ms(2 * k * batch * weights, 4 * k * weights),
                   floor_ms(2 * batch * weights, 4 * weights))
-        lines.append(f"| {batch} | {rate(batch, ms['lora-experts'])} | {rate(batch, ms['full-experts'])} "
-                     f"| {rate(batch, ms['merged-single'])} | {ms['full-experts'] / ms['lora-experts']:.2f}x "
-                     f"| {ms['merged-single'] / ms['lora-experts']:.2f}x "
-                     f"| {' / '.join(rate(batch, f) for f in floors)} |")
+        yield (f"| {batch} | {rate(batch, ms['lora-experts'])} | {rate(batch, ms['full-experts'])} "
+               f"| {rate(batch, ms['merged-single'])} | {ms['full-experts'] / ms['lora-experts']:.2f}x "
+               f"| {ms['merged-single'] / ms['lora-experts']:.2f}x "
+               f"| {' / '.join(rate(batch, f) for f in floors)} |")
     setup.group.remove()
-    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,10 +269,12 @@ def main(argv: list[str] | None = None) -> None:
           f"threads, medians of {args.repeats} interleaved runs")
     if args.only != "lora":
         print(f"\nRollout: {args.new_tokens} new tokens, ignore_eos, PCM of the same shape\n")
-        print("\n".join(rollout_table(args)))
+        for line in rollout_table(args):
+            print(line, flush=True)
     if args.only != "rollout":
         print(f"\nLoRA experts: one decode step, rank {args.rank}, context {LORA_CONTEXT}\n")
-        print("\n".join(lora_table(args)))
+        for line in lora_table(args):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
