@@ -40,10 +40,10 @@ PCM_SEED = 100
 LORA_CONTEXT = 96  # tokens in the cache of each sequence at the timed decode step
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each fn, run interleaved (A B A B ...) after one warm-up call each."""
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, float]:
+    """Median wall time (ms) of each fn, run interleaved (A B A B ...), after one warm-up call each."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -182,7 +182,9 @@ def rollout_table(args) -> Iterator[str]:
           "| bare forwards ms | overhead | floor step ms |"
     yield "|" + "---|" * 9
     for batch in args.batch:
-        ms = median_ms(setup.providers(batch, new), args.repeats)
+        for warmup in setup.providers(batch, 4).values():  # a short rollout warms each provider up
+            warmup()
+        ms = median_ms(setup.providers(batch, new), args.repeats, warmup=False)
         our_step = ms["ours"] / new
         floor = floor_ms(2 * batch * weights, 4 * weights)
         yield (f"| {batch} | {rate(batch * new, ms['ours'])} | {rate(batch * new, ms['hf-loop'])} "
