@@ -9,16 +9,12 @@ So an expert fine-tuned on one side of one axis learns one distinct, scoreable f
 composite preference needs all three decisions right: what a mixture of experts must learn.
 """
 
-import json
 import random
 from dataclasses import dataclass
-from itertools import product
-from pathlib import Path
 
-PREFERENCES_FILE = Path(__file__).resolve().parent.parent / "data" / "preferences.json"
-AXES = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
-DIMENSIONS = tuple(code for axis in AXES for code in axis)
-COMBINATIONS = tuple(",".join(combo) for combo in product(*AXES))
+from mope.preferences import default_registry
+
+COMBINATIONS = tuple(p.code for p in default_registry().combinations())
 
 # (name, elementary definition, knowledgeable definition)
 TOPICS = (
@@ -304,18 +300,12 @@ def build_corpus(instructions_: list[str], variants: int, seed: int) -> list[Exa
     ]
 
 
-def load_preferences() -> dict:
-    """The packaged preference registry data (mope/data/preferences.json)."""
-    return json.loads(PREFERENCES_FILE.read_text())
-
-
 def expert_prompt(instruction: str) -> str:
-    """What an expert reads: the plain instruction (an expert *is* its preference)."""
-    return f"<|user|>\n{instruction}\n<|assistant|>\n"
+    """What an expert reads: the plain instruction in the prompt format (an expert *is* its preference)."""
+    return default_registry().format_prompt(instruction)
 
 
 def pcm_prompt(instruction: str, combination: str) -> str:
     """What the PCM reads: the instruction followed by the preference prompts of the combination."""
-    dimensions = load_preferences()["dimensions"]
-    prompts = " ".join(dimensions[code]["prompt"] for code in combination.split(","))
-    return f"<|user|>\n{instruction} {prompts}\n<|assistant|>\n"
+    registry = default_registry()
+    return registry.format_prompt(instruction, registry.parse(combination))

@@ -18,9 +18,9 @@ its dimensions of `bt_normalize(score, score_of_reference)`.
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
+from mope.rewards import RuleScorer, register_scorer
 
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 SENTENCE_END = re.compile(r"[.!?]+")
@@ -71,30 +71,21 @@ def unfriendly(text: str) -> float:
     return (len(RUDE.findall(text)) - len(FRIENDLY.findall(text))) / 3
 
 
-class RuleScorer:
-    """A `RewardModel` that scores each response with a plain function of its text (prompts are ignored)."""
-
-    def __init__(self, name: str, fn: Callable[[str], float]):
-        self.name = name
-        self.fn = fn
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """(N,) fp32 scores of the N responses."""
-        if len(prompts) != len(responses):
-            raise ValueError(
-                f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}"
-            )
-        return torch.tensor([self.fn(r) for r in responses], dtype=torch.float32)
-
-    def __repr__(self) -> str:
-        return f"RuleScorer({self.name})"
+def demo_scorer(dimension: str) -> RuleScorer:
+    """The rule-based reward model of one dimension code (P1A..P3B)."""
+    if dimension not in RULES:
+        raise ValueError(f"dimension must be one of {', '.join(RULES)}, got {dimension!r}")
+    rule = RULES[dimension]
+    return RuleScorer(lambda _prompt, response: rule(response))
 
 
-SCORERS: dict[str, RuleScorer] = {
-    code: RuleScorer(fn.__name__, fn)
-    for code, fn in zip(
-        ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"),
-        (elementary, knowledgeable, concise, informative, friendly, unfriendly),
-        strict=True,
-    )
+RULES: dict[str, Callable[[str], float]] = {
+    "P1A": elementary,
+    "P1B": knowledgeable,
+    "P2A": concise,
+    "P2B": informative,
+    "P3A": friendly,
+    "P3B": unfriendly,
 }
+SCORERS: dict[str, RuleScorer] = {code: demo_scorer(code) for code in RULES}
+register_scorer("demo", demo_scorer)  # reward specs {"type": "demo", "dimension": "P1A"} in train configs

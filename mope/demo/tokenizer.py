@@ -18,7 +18,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     (the prompt already starts with <|user|>), and every training response ends with EOS.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+        minimum = 256 + len(SPECIAL_TOKENS)
+        raise ValueError(f"vocab_size must be at least {minimum} (bytes + specials), got {vocab_size}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 IGNORE = -100
@@ -65,10 +66,12 @@ def train_causal_lm(
     lr: float,
     seed: int,
     pad_id: int,
+    desc: str | None = None,
 ) -> list[float]:
-    """AdamW with a short warm-up and cosine decay over `steps` random batches; returns the step losses."""
+    """AdamW with a short warm-up and cosine decay over `steps` random batches; returns the step losses.
+    With `desc`, a progress bar of that name shows the running loss."""
     if steps < 1 or batch_size < 1 or not data:
-        raise ValueError(f"need steps >= 1, batch_size >= 1 and data, got {steps}, {batch_size}, {len(data)} rows")
+        raise ValueError(f"need steps, batch_size >= 1 and data: got {steps}, {batch_size}, {len(data)} rows")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -77,7 +80,8 @@ def train_causal_lm(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     losses = []
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc=desc, disable=desc is None, leave=False)
+    for _ in bar:
         loss = model(**_batch(rng.sample(data, min(batch_size, len(data))), pad_id)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,6 +89,7 @@ def train_causal_lm(
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
 
