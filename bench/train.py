@@ -89,6 +89,7 @@ def make_naive(args, experts: list[Path], pcm_dir: Path, head: torch.nn.Linear):
     params = [p for p in [*pcm.model.parameters(), *head.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
+    from mope.preferences import default_registry
     from mope.rewards import keyword_scorer
 
     scorers = [keyword_scorer([w]) for w in list(KEYWORDS.values())[::2]]
@@ -97,7 +98,7 @@ def make_naive(args, experts: list[Path], pcm_dir: Path, head: torch.nn.Linear):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return torch.stack([s.score(texts, texts) for s in scorers]).sigmoid().mean(0)
 
-    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    ids = [tokenizer(default_registry().format_prompt(p)).input_ids for p in PROMPTS]  # what our experts read
     return models, pcm, optimizer, rewards, ids
 
 
