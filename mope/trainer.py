@@ -184,41 +184,53 @@ class Trainer:
         refs = self.references.get(rollout.prompts, rollout.preferences)
         return preference_rewards(self.scorers, rollout.prompts, rollout.preferences, rollout.texts, refs)
 
-    def policy_logprobs(self, rollout: Rollout, model=None) -> Tensor:
-        """log pi_theta of every response (2P,), with gradients through the PCM only."""
+    def policy_logprobs(self, rollout: Rollout, model=None, expert_logits: Tensor | None = None) -> Tensor:
+        """log pi_theta of every response (2P,), with gradients through the PCM only. Logit mode needs the
+        experts' logits at the response tokens (computed here when not given)."""
         model = model or self.pcm
-        device = self.pcm.head.weight.device
         log_w = model(rollout.pcm_prompt_ids, rollout.response_ids, rollout.active)
         if self.config.mix_mode == "prob":
-            token_logp = mixture_token_logprobs(log_w, rollout.expert_logprobs.to(device))
+            token_logp = mixture_token_logprobs(log_w, rollout.expert_logprobs.to(log_w.device))
         else:
-            token_logp = self._logit_mode_logprobs(rollout, log_w.exp())
+            from mope.kernels import mix_logprobs
+
+            if expert_logits is None:
+                expert_logits = self._expert_logits(rollout)
+            tokens = torch.tensor([t for r in rollout.response_ids for t in r], device=log_w.device)
+            token_logp = mix_logprobs(expert_logits, log_w.exp(), tokens, temperature=self.config.temperature,
+                                      mode="logit")
         return sequence_logprobs(token_logp, rollout.lengths)
 
     def update(self, rollout: Rollout, rewards: Tensor) -> tuple[float, bool]:
-        """Epochs of AdamW on rebel_loss over the (local) pairs; returns the mean loss and whether it was
-        finite (on every rank: a NaN anywhere skips the step everywhere)."""
+        """Epochs of AdamW on rebel_loss over the (local) pairs; returns the mean loss and whether every
+        loss and gradient was finite (on every rank). A NaN/inf skips the rest of the update everywhere."""
         c, model = self.config, self.ddp or self.pcm
         pairs = len(rollout.prompts) // 2
-        local_mb = (c.minibatch_size or c.batch_size) // self.dist.world_size or 1
+        local_mb = (c.minibatch_size or c.batch_size) // self.dist.world_size
+        parts = [(start, rollout.pairs(start, min(start + local_mb, pairs)))
+                 for start in range(0, pairs, local_mb)]
+        # the experts are frozen: their logits (logit mode) are computed once per step, not once per epoch
+        logits = [self._expert_logits(part) if c.mix_mode == "logit" else None for _, part in parts]
         losses = []
-        for _ in range(c.epochs):
-            for start in range(0, pairs, local_mb):
-                part = rollout.pairs(start, min(start + local_mb, pairs))
-                new_logp = self.policy_logprobs(part, model)
-                device = new_logp.device
-                part_rewards = rewards[2 * start : 2 * start + len(part.prompts)].to(device)
-                loss = rebel_loss(new_logp, part.old_logp.to(device), part_rewards, c.eta)
-                if not self._all_finite(loss.detach()):
+        try:
+            for _ in range(c.epochs):
+                for (start, part), part_logits in zip(parts, logits, strict=True):
+                    new_logp = self.policy_logprobs(part, model, part_logits)
+                    device = new_logp.device
+                    part_rewards = rewards[2 * start : 2 * start + len(part.prompts)].to(device)
+                    loss = rebel_loss(new_logp, part.old_logp.to(device), part_rewards, c.eta)
                     self.optimizer.zero_grad(set_to_none=True)
-                    return math.nan, False
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                losses.append(loss.item())
-        self.engine.forget_provider_cache()
+                    if not self._all_finite(loss.detach()):
+                        return math.nan, False
+                    loss.backward()
+                    if not self._all_finite(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        return math.nan, False
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    losses.append(loss.item())
+        finally:  # the PCM's KV in the engine's prefix cache is stale once the PCM changed
+            self.engine.forget_provider_cache()
         return sum(losses) / len(losses), True
 
     def train_step(self, step: int) -> dict:
@@ -296,13 +308,9 @@ class Trainer:
                                     sampling=sampling)
         return [o.text for o in outs]
 
-    def _logit_mode_logprobs(self, rollout: Rollout, weights: Tensor) -> Tensor:
-        from mope.kernels import mix_logprobs
-
-        logits = self.engine.expert_logits(
-            [self.registry.format_prompt(p) for p in rollout.prompts], rollout.response_ids)
-        tokens = torch.tensor([t for r in rollout.response_ids for t in r], device=weights.device)
-        return mix_logprobs(logits, weights, tokens, temperature=self.config.temperature, mode="logit")
+    def _expert_logits(self, rollout: Rollout) -> Tensor:
+        prompts = [self.registry.format_prompt(p) for p in rollout.prompts]
+        return self.engine.expert_logits(prompts, rollout.response_ids).to(self.pcm.head.weight.device)
 
     def _all_finite(self, t: Tensor) -> bool:
         bad = torch.tensor([0.0 if torch.isfinite(t).all() else 1.0])
