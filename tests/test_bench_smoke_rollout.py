@@ -80,6 +80,9 @@ def test_eos_stops_a_row_and_bad_inputs_are_refused(experts):
     eos = greedy[0][1]
     out = hf_rollout(experts[:1], None, PROMPTS[:1], torch.ones(1, 1), 3, temperature=0, eos_token_id=eos)
     assert out == [greedy[0][:2]]
+    out = hf_rollout(experts[:1], None, PROMPTS[:1], torch.ones(1, 1), 3, temperature=0,
+                     eos_token_id=[greedy[0][2], eos])  # a list of EOS ids, as Llama 3 configs have
+    assert out == [greedy[0][:2]]
     for kwargs, message in ((dict(weights=torch.ones(3, 2)), "weights"), (dict(top_p=0.0), "top_p"),
                             (dict(temperature=-1.0), "temperature"),
                             (dict(max_new_tokens=0), "max_new_tokens")):

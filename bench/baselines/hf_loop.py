@@ -66,7 +66,7 @@ class _CachedModel:
 @torch.inference_mode()
 def hf_rollout(models: list[nn.Module], pcm: LoopPCM | None, prompts_ids: list[list[int]],
                weights: Tensor | None, max_new_tokens: int, top_p: float = 1.0, temperature: float = 1.0,
-               ignore_eos: bool = False, eos_token_id: int | None = None,
+               ignore_eos: bool = False, eos_token_id: int | list[int] | None = None,
                generator: torch.Generator | None = None) -> list[list[int]]:
     """Sample up to `max_new_tokens` tokens per prompt from the mixture of `models`.
 
@@ -92,6 +92,7 @@ def hf_rollout(models: list[nn.Module], pcm: LoopPCM | None, prompts_ids: list[l
         eos_token_id = models[0].config.eos_token_id
     if not ignore_eos and eos_token_id is None:
         raise ValueError("eos_token_id is needed unless ignore_eos")
+    eos_ids = [] if ignore_eos else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
     experts = [_CachedModel(m) for m in models]
     controller = _CachedModel(pcm.model) if pcm is not None else None
@@ -109,18 +110,19 @@ def hf_rollout(models: list[nn.Module], pcm: LoopPCM | None, prompts_ids: list[l
             token = probs.argmax(-1)
         else:
             token = torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator).squeeze(-1)
-        if not ignore_eos:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
+        if eos_ids:
+            token = token.masked_fill(finished, eos_ids[0])
+            finished |= torch.isin(token, torch.tensor(eos_ids))
         new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
         if finished.all():
             break
         ids = token[:, None]
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-    return [_until_eos(row, None if ignore_eos else eos_token_id) for row in new_tokens.tolist()]
+    return [_until_eos(row, eos_ids) for row in new_tokens.tolist()]
 
 
-def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
-    if eos_token_id is not None and eos_token_id in tokens:
-        return tokens[: tokens.index(eos_token_id) + 1]
+def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    ends = [i for i, token in enumerate(tokens) if token in eos_ids]
+    if ends:
+        return tokens[: ends[0] + 1]
     return tokens
