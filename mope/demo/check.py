@@ -38,11 +38,13 @@ def sample_responses(
     return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def expert_table(kit: KitPaths, samples: int = 2, max_new_tokens: int = 96, seed: int = 0) -> dict:
-    """{expert code: {dimension code: mean score}} over the kit's held-out instructions."""
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    instructions = [r["prompt"] for r in json.loads(kit.eval_prompts.read_text())]
+def expert_table(
+    kit: KitPaths, samples: int = 2, max_new_tokens: int = 96, seed: int = 0, limit: int | None = None
+) -> dict:
+    """{expert code: {dimension code: mean score}} over the kit's (first `limit`) held-out instructions."""
+    if samples < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"samples and limit must be >= 1, got {samples}, {limit}")
+    instructions = [r["prompt"] for r in json.loads(kit.eval_prompts.read_text())][:limit]
     table = {}
     for dim, path in zip(default_registry().dimensions, kit.experts, strict=True):
         responses = sample_responses(path, instructions, samples, max_new_tokens, seed)

@@ -1,6 +1,7 @@
 """`mope demo`: build (or reuse) the kit, REBEL-train the PCM on the 8 combinations, show what it learned."""
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ def demo_config(kit: KitPaths, out_dir: str | Path, steps: int, seed: int, **ove
         epochs=2,
         lr=3e-3,
         eta=10.0,
-        max_tokens=64,
+        max_tokens=80,
         seed=seed,
         checkpoint_every=steps,
     )
@@ -92,25 +93,34 @@ def run_demo(
     out_dir: str | Path = "demo_out",
     kit_dir: str | Path | None = None,
     recipe: KitRecipe | None = None,
+    eval_instructions: int = 8,
     eval_samples: int = 2,
     seed: int = 0,
     progress: bool = True,
     **train_overrides,
 ) -> dict:
     """Build or reuse the kit, REBEL-train the PCM for `steps` steps, compare it with uniform weights and
-    the best single expert on the held-out instructions; print everything and return the results."""
+    the best single expert on `eval_instructions` held-out instructions (`eval_samples` responses each);
+    print everything, with the time each phase took, and return the results."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if eval_samples < 1:
-        raise ValueError(f"eval_samples must be >= 1, got {eval_samples}")
+    if eval_samples < 1 or eval_instructions < 1:
+        raise ValueError(
+            f"eval_samples and eval_instructions must be >= 1, got {eval_samples}, {eval_instructions}"
+        )
     torch.manual_seed(seed)
+    clock = time.perf_counter()
     kit = build_kit(kit_dir, recipe, progress)
-    print(f"demo kit: {kit.root}")
+    print(f"demo kit: {kit.root} ({time.perf_counter() - clock:.0f} s)")
+    clock = time.perf_counter()
     config = demo_config(kit, out_dir, steps, seed, progress=progress, **train_overrides)
     trainer = Trainer(config, scorers=SCORERS)
     trainer.train()
-    instructions = [r["prompt"] for r in json.loads(kit.eval_prompts.read_text())]
+    print(f"REBEL: {steps} steps in {time.perf_counter() - clock:.0f} s")
+    clock = time.perf_counter()
+    instructions = [r["prompt"] for r in json.loads(kit.eval_prompts.read_text())][:eval_instructions]
     results, examples = compare(trainer, instructions, eval_samples, seed)
+    print(f"comparison: {time.perf_counter() - clock:.0f} s")
     print(
         f"\nmean BT-normalised reward on {len(instructions)} held-out instructions "
         f"(x{eval_samples} samples, reference: greedy uniform weights)\n{format_results(results)}"
