@@ -14,7 +14,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "LMs and a PCM backbone, cached. Then REBEL-train the PCM on the 8 preference combinations and "
         "compare it with uniform weights and the best single expert on held-out instructions.",
     )
-    demo.add_argument("--steps", type=int, default=12, help="REBEL steps (default: 12)")
+    demo.add_argument("--steps", type=int, default=40, help="REBEL steps (default: 40)")
     demo.add_argument("--out", default="demo_out", metavar="DIR",
                       help="where metrics.jsonl, metrics.png, checkpoints and demo_results.json go "
                       "(default: demo_out)")

@@ -89,7 +89,7 @@ def format_results(results: dict) -> str:
 
 
 def run_demo(
-    steps: int = 12,
+    steps: int = 40,
     out_dir: str | Path = "demo_out",
     kit_dir: str | Path | None = None,
     recipe: KitRecipe | None = None,
