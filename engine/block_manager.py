@@ -125,6 +125,14 @@ class BlockManager:
                     self.copy_block(shared, track.block_table[index])
                 self._release(shared)
 
+    def forget_model(self, model: int) -> None:
+        """Unregister every cached block of `model` (its weights changed, so its cached KV is stale)."""
+        for block in self.blocks:
+            if block.key is not None and block.key[1] == model:
+                if self.hash_to_block.get(block.hash) == block.block_id:
+                    del self.hash_to_block[block.hash]
+                block.hash, block.key = -1, None
+
     def fork(self, child: Sequence) -> None:
         """Add the references of a forked sequence, whose tracks already list its parent's blocks."""
         for track in child.tracks:

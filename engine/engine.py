@@ -150,6 +150,15 @@ class Engine:
         finished.sort(key=lambda s: (s.request, s.sample))
         return [self._output(seq, prompt_ids[seq.request], provider_ids[seq.request]) for seq in finished]
 
+    def reset_prefix_cache(self, model: int | None = None) -> None:
+        """Forget cached KV blocks of model `model` (an expert index, or K for the weight provider's model),
+        or of every model when None: call it after changing that model's weights."""
+        models = range(len(self.runner.models)) if model is None else [model]
+        if not all(isinstance(m, int) and 0 <= m < len(self.runner.models) for m in models):
+            raise ValueError(f"model must be None or an index in [0, {len(self.runner.models)}), got {model!r}")
+        for m in models:
+            self.block_manager.forget_model(m)
+
     def score(self, prompts: list[str] | list[list[int]],
               responses: list[str] | list[list[int]]) -> list[Tensor]:
         """Teacher-forced log-probs of every expert for each response's tokens: per request (T_i, K) fp32."""

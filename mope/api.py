@@ -53,14 +53,8 @@ class Engine(BaseEngine):
         return [self.registry.format_prompt(i, p) for i, p in zip(instructions, prefs, strict=True)]
 
     def forget_provider_cache(self) -> None:
-        """Drop the weight provider's blocks from the prefix cache: after a PCM update its cached KV is stale.
-        (Between ``generate`` calls every block is free, so only registrations change.)"""
-        manager, provider = self.block_manager, self.num_experts
-        for block in manager.blocks:
-            if block.key is not None and block.key[1] == provider:
-                if manager.hash_to_block.get(block.hash) == block.block_id:
-                    del manager.hash_to_block[block.hash]
-                block.hash, block.key = -1, None
+        """Drop the weight provider's blocks from the prefix cache: after a PCM update its cached KV is stale."""
+        self.reset_prefix_cache(self.num_experts)
 
     @torch.inference_mode()
     def expert_logits(self, prompts: list[str], response_ids: list[list[int]]) -> Tensor:

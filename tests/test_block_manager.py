@@ -125,6 +125,18 @@ def test_prefix_cache_reuses_computed_full_blocks_of_the_same_model_only():
     assert different_start.tracks[0].num_cached_tokens == 0  # the chain breaks at the first block
 
 
+def test_forget_model_drops_only_that_models_cached_blocks():
+    manager = BlockManager(20, BS)
+    first = make_seq({0: list(range(10)), 1: list(range(10))})
+    manager.allocate(first)
+    compute(manager, first)
+    manager.deallocate(first)
+    manager.forget_model(1)
+    again = make_seq({0: list(range(10)), 1: list(range(10))})
+    manager.allocate(again)
+    assert [t.num_cached_tokens for t in again.tracks] == [8, 0]
+
+
 def test_prefix_cache_always_leaves_the_last_token_to_compute():
     manager = BlockManager(20, BS)
     first = make_seq({0: list(range(8))})

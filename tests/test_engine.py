@@ -154,6 +154,11 @@ def test_a_shared_prompt_prefix_is_computed_once_per_model(checkpoints):
     assert computed == [10 + 1, 10 + 1]  # only the new token: 8 cached for each model
     only_qwen = engine.generate([prefix + [80]], weights=[[0.0, 1.0]], sampling=GREEDY)
     assert computed == [11, 12]
+    engine.reset_prefix_cache(0)
+    engine.generate([prefix + [90]], weights=[[0.5, 0.5]], sampling=GREEDY)
+    assert computed == [11 + 9, 12 + 1]  # model 0 recomputes the whole prompt, model 1 hits its cache
+    with pytest.raises(ValueError, match="model must be"):
+        engine.reset_prefix_cache(2)
     fresh = Engine([checkpoints["llama"], checkpoints["qwen2"]], block_size=4)
     for out, prompt, w in ((first, prefix + [60, 61], [0.5, 0.5]), (second, prefix + [70], [0.5, 0.5]),
                            (only_qwen, prefix + [80], [0.0, 1.0])):
