@@ -153,9 +153,10 @@ class Engine:
     def reset_prefix_cache(self, model: int | None = None) -> None:
         """Forget cached KV blocks of model `model` (an expert index, or K for the weight provider's model),
         or of every model when None: call it after changing that model's weights."""
-        models = range(len(self.runner.models)) if model is None else [model]
-        if not all(isinstance(m, int) and 0 <= m < len(self.runner.models) for m in models):
-            raise ValueError(f"model must be None or an index in [0, {len(self.runner.models)}), got {model!r}")
+        count = len(self.runner.models)
+        models = range(count) if model is None else [model]
+        if not all(isinstance(m, int) and 0 <= m < count for m in models):
+            raise ValueError(f"model must be None or an index in [0, {count}), got {model!r}")
         for m in models:
             self.block_manager.forget_model(m)
 

@@ -53,7 +53,7 @@ class Engine(BaseEngine):
         return [self.registry.format_prompt(i, p) for i, p in zip(instructions, prefs, strict=True)]
 
     def forget_provider_cache(self) -> None:
-        """Drop the weight provider's blocks from the prefix cache: after a PCM update its cached KV is stale."""
+        """Drop the weight provider's blocks from the prefix cache (after a PCM update they are stale)."""
         self.reset_prefix_cache(self.num_experts)
 
     @torch.inference_mode()

@@ -53,6 +53,27 @@ def test_matches_dense_per_row(backend, dtype, sort_rows):
         torch.testing.assert_close(out, reference, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1], [2, 0]])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_consecutive_segments(backend, order):
+    """The decode step's layout (each adapter's rows consecutive, equal counts): the cpu backend's batched
+    path, in and out of adapter order and with an adapter missing."""
+    x, lora_a, lora_b, _, base, scaling = make_case(num_rows=3 * len(order), num_adapters=3)
+    index = torch.tensor(order).repeat_interleave(3)
+    rows = LoRARows.from_index(index, 3)
+    assert torch.equal(rows.segment_adapters(), torch.tensor(order))
+    out = add_lora(base.clone(), x, lora_a, lora_b, rows, scaling=scaling, backend=backend)
+    torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, lora_b, index, base, scaling),
+                               **TOLERANCES[torch.float32])
+
+
+def test_segment_adapters_only_for_equal_segments_covering_every_row():
+    assert LoRARows.from_index(torch.tensor([0, 0, 1]), 2).segment_adapters() is None
+    assert LoRARows.from_index(torch.tensor([0, 0, -1, -1]), 2).segment_adapters() is None
+    assert LoRARows.from_index(torch.tensor([0, 1, 0, 1]), 2).segment_adapters() is None
+    assert LoRARows.from_index(torch.tensor([], dtype=torch.int64), 2).segment_adapters() is None
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_rows_reused_across_projections_and_scaling_none(backend):
     # Two projections of one step (different H and OUT) share one LoRARows; scaling None means 1.
