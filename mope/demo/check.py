@@ -1,17 +1,19 @@
 """The kit check: each expert's mean score on every dimension, on instructions kept out of training.
 
 Responses are sampled (temperature 1, seeded) with transformers' own `generate`, independently of
-the engine, so the table vouches for the checkpoints themselves.
+the engine, so the table vouches for the experts themselves (LoRA adapters over the base, by
+train_lm.load_lm, which needs no peft).
 """
 
 import json
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from mope.demo.corpus import expert_prompt
 from mope.demo.kit import KitPaths
 from mope.demo.scorers import SCORERS
+from mope.demo.train_lm import load_lm
 from mope.preferences import default_registry
 
 
@@ -19,9 +21,10 @@ from mope.preferences import default_registry
 def sample_responses(
     model_dir, instructions: list[str], samples: int, max_new_tokens: int, seed: int
 ) -> list[str]:
-    """`samples` responses per instruction from one checkpoint (temperature 1), decoded without specials."""
+    """`samples` responses per instruction from one checkpoint or LoRA adapter (temperature 1), decoded
+    without specials."""
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    model = load_lm(model_dir)
     batch = tok(
         [expert_prompt(x) for x in instructions for _ in range(samples)], return_tensors="pt", padding=True
     )
