@@ -1,18 +1,31 @@
-"""The demo kit: corpus, scorers, tokenizer, a tiny cached kit whose experts learn their styles, and the
-REBEL run whose PCM beats uniform weights."""
+"""The demo kit: corpus, scorers, tokenizer, a tiny cached kit whose experts (PEFT LoRA adapters, trained
+without peft) learn their styles and load in peft and in the engine, and the REBEL run whose PCM beats
+uniform weights."""
 
 import json
 import random
 
 import pytest
 import torch
+from mope.engine.engine import Engine
+from mope.engine.sampling_params import SamplingParams
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from mope.demo.check import expert_table
-from mope.demo.corpus import COMBINATIONS, build_corpus, instructions, split_instructions, write_response
+from mope.demo.corpus import (
+    COMBINATIONS,
+    build_corpus,
+    expert_prompt,
+    instructions,
+    split_instructions,
+    write_response,
+)
 from mope.demo.kit import KitRecipe, build_kit
 from mope.demo.run import PCM, UNIFORM, run_demo
 from mope.demo.scorers import RULES, SCORERS, demo_scorer
 from mope.demo.tokenizer import ASSISTANT, EOS, USER, train_tokenizer
+from mope.demo.train_lm import add_lora, load_lm, save_adapter
 from mope.rewards import build_reward_model
 
 TINY = KitRecipe.tiny()
@@ -96,9 +109,16 @@ def test_kit_is_cached_by_recipe(tiny_kit):
     assert KitRecipe(seed=1).digest() != KitRecipe().digest()
     assert not list(tiny_kit.root.parent.glob(".building-*"))  # the temporary build dir is gone
     assert json.loads(tiny_kit.recipe.read_text())["hidden"] == TINY.hidden
-    for path in [*tiny_kit.experts, tiny_kit.base, tiny_kit.pcm_backbone]:
+    for path in [tiny_kit.base, tiny_kit.pcm_backbone]:
         assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
         assert (path / "tokenizer.json").is_file()
+    for path in tiny_kit.experts:  # PEFT LoRA adapters naming the kit's base by its final path
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == TINY.lora_rank
+        assert config["lora_alpha"] == TINY.lora_alpha and config["base_model_name_or_path"] == str(
+            tiny_kit.base.resolve())
+        assert (path / "adapter_model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+        assert not (path / "model.safetensors").exists()
 
 
 def test_each_expert_beats_the_others_on_its_own_dimension(tiny_kit):
@@ -107,6 +127,61 @@ def test_each_expert_beats_the_others_on_its_own_dimension(tiny_kit):
     for code in SCORERS:
         others = [row[code] for expert, row in table.items() if expert != code]
         assert table[code][code] > max(others), (code, table)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_model(base, adapter):
+    """The adapter over its base, by peft itself (the independent reference)."""
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+
+
+def test_saved_adapter_loads_in_peft_with_the_training_time_logits(tiny_kit, tmp_path):
+    """add_lora + save_adapter against peft itself: PeftModel.from_pretrained of the saved directory (and
+    load_lm of it) computes what the wrapped model computed while training."""
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_pretrained(tiny_kit.base)
+    config = add_lora(model, rank=4, alpha=8, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    with torch.no_grad():  # B is 0 after init: make the adapter do something
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.1)
+    tok = AutoTokenizer.from_pretrained(tiny_kit.base)
+    save_adapter(model, config, tok, tiny_kit.base.resolve(), tmp_path / "adapter")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    expected = logits(model.eval(), ids)
+    torch.testing.assert_close(logits(peft_model(tiny_kit.base, tmp_path / "adapter"), ids), expected)
+    torch.testing.assert_close(logits(load_lm(tmp_path / "adapter"), ids), expected)
+    assert (logits(LlamaForCausalLM.from_pretrained(tiny_kit.base), ids) - expected).abs().max() > 1e-2
+    for expert in tiny_kit.experts[:2]:  # the kit's own adapters, as built
+        reference = peft_model(tiny_kit.base, expert)
+        torch.testing.assert_close(logits(load_lm(expert), ids), logits(reference, ids))
+
+
+def test_engine_serves_the_kit_adapters_as_their_merged_models(tiny_kit):
+    """The engine's greedy output for each adapter expert (all six over one base) is transformers' greedy
+    generate on peft's merge_and_unload of that adapter."""
+    engine = Engine([str(p) for p in tiny_kit.experts])
+    instructions = [r["prompt"] for r in json.loads(tiny_kit.eval_prompts.read_text())][:2]
+    prompts = [expert_prompt(x) for x in instructions]
+    tok = AutoTokenizer.from_pretrained(tiny_kit.base)
+    k = len(tiny_kit.experts)
+    for j, expert in enumerate(tiny_kit.experts):
+        outs = engine.generate(prompts, weights=[[float(i == j) for i in range(k)]] * len(prompts),
+                               sampling=SamplingParams(temperature=0.0, max_tokens=24))
+        merged = peft_model(tiny_kit.base, expert).merge_and_unload()
+        for prompt, out in zip(prompts, outs, strict=True):
+            ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+            with torch.no_grad():
+                expected = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=24, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            assert out.token_ids == expected, (expert.name, prompt)
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""The demo kit: tokenizer, base LM, six expert checkpoints and a PCM backbone, built once and cached.
+"""The demo kit: tokenizer, base LM, six LoRA expert adapters and a PCM backbone, built once and cached.
 
 The cache key is a hash of the recipe and of the source of the modules that build the kit, so a kit
 is rebuilt only when it is missing or its recipe (or code) changes. A build runs in a temporary
-directory that is renamed into place at the end: an interrupted build never leaves a half kit.
+directory that is renamed into place at the end: an interrupted build never leaves a half kit. The
+experts' adapter_config.json name the base by its final absolute path (base_model_name_or_path), so a
+kit directory works where it was built: moving it means rebuilding it.
 """
 
 import hashlib
@@ -19,7 +21,7 @@ from transformers import LlamaForCausalLM
 from mope.demo import corpus, scorers, tokenizer, train_lm
 from mope.demo.corpus import build_corpus, expert_prompt, pcm_prompt, split_instructions
 from mope.demo.tokenizer import train_tokenizer
-from mope.demo.train_lm import encode, llama_config, save_checkpoint, train_causal_lm
+from mope.demo.train_lm import add_lora, encode, llama_config, save_adapter, save_checkpoint, train_causal_lm
 from mope.preferences import default_registry
 
 DEFAULT_CACHE = Path(os.environ.get("MOPE_DEMO_CACHE", Path.home() / ".cache" / "mope" / "demo"))
@@ -42,8 +44,10 @@ class KitRecipe:
     batch_size: int = 32
     base_steps: int = 300
     base_lr: float = 3e-3
-    expert_steps: int = 120
-    expert_lr: float = 1e-3
+    expert_steps: int = 120  # each expert: a LoRA adapter over the base LM
+    expert_lr: float = 1e-2
+    lora_rank: int = 8
+    lora_alpha: int = 16
     pcm_hidden: int = 64
     pcm_layers: int = 2
     pcm_heads: int = 4
@@ -66,7 +70,8 @@ class KitRecipe:
 
 @dataclass(frozen=True)
 class KitPaths:
-    """Where the parts of a built kit are; every model directory is an ordinary HF checkpoint."""
+    """Where the parts of a built kit are: ordinary HF checkpoints (base, PCM backbone) and PEFT LoRA
+    adapter directories (experts)."""
 
     root: Path
 
@@ -80,7 +85,8 @@ class KitPaths:
 
     @property
     def experts(self) -> list[Path]:
-        """One expert per dimension, in the registry's order (P1A, P1B, P2A, P2B, P3A, P3B)."""
+        """One expert per dimension, in the registry's order (P1A, P1B, P2A, P2B, P3A, P3B): PEFT LoRA
+        adapters over `base` (adapter_config.json, adapter_model.safetensors, tokenizer files)."""
         return [self.root / "experts" / f"{d.code}-{d.name}" for d in default_registry().dimensions]
 
     @property
@@ -117,7 +123,7 @@ def build_kit(
     cache_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
-        _build(KitPaths(building), recipe, progress)
+        _build(KitPaths(building), kit.base.resolve(), recipe, progress)
         os.rename(building, kit.root)
     except OSError:
         if not kit.recipe.is_file():  # not a concurrent build that finished first
@@ -127,16 +133,17 @@ def build_kit(
     return kit
 
 
-def _build(kit: KitPaths, recipe: KitRecipe, progress: bool) -> None:
+def _build(kit: KitPaths, final_base: Path, recipe: KitRecipe, progress: bool) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        _train_all(kit, recipe, progress)
+        _train_all(kit, final_base, recipe, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_all(kit: KitPaths, r: KitRecipe, progress: bool) -> None:
+def _train_all(kit: KitPaths, final_base: Path, r: KitRecipe, progress: bool) -> None:
+    """Build every part of the kit under `kit.root`; the experts name `final_base` as their base."""
     train, held_out = split_instructions(r.held_out, r.seed)
     examples = build_corpus(train, r.variants, r.seed)
     expert_pairs = [(expert_prompt(e.instruction), e.response) for e in examples]
@@ -164,10 +171,12 @@ def _train_all(kit: KitPaths, r: KitRecipe, progress: bool) -> None:
             if dim.code in e.combination.split(",")
         ]
         expert = LlamaForCausalLM.from_pretrained(kit.base)
+        torch.manual_seed(r.seed)
+        lora = add_lora(expert, r.lora_rank, r.lora_alpha)
         fit(
             expert, encode(tok, own, loss_on_prompt=False), r.expert_steps, r.expert_lr, f"expert {path.name}"
         )
-        save_checkpoint(expert, tok, path)
+        save_adapter(expert, lora, tok, final_base, path)
 
     torch.manual_seed(r.seed)
     backbone = LlamaForCausalLM(llama_config(tok, r.pcm_hidden, r.pcm_layers, r.pcm_heads))
