@@ -1,9 +1,10 @@
 """Rollout benchmark, providers side by side in one run (interleaved A B A B, medians after a warm-up).
 
 Rollout (issue 3): `ours` (mope.engine.Engine) against `hf-loop` (bench/baselines/hf_loop.py), K experts
-plus a PCM of the same shape, B prompts, `--new-tokens` with ignore_eos. Reports tokens/s, the ratio, and
-our step time against the sum of the bare CausalLM forwards of the same batch (the engine's own
-overhead: mixing, sampling, scheduling), each beside its floor.
+plus a PCM of the same shape, B prompts, `--new-tokens` with ignore_eos. Reports tokens/s (whole rollouts,
+prefill included), the ratio, and our decode step (the median iteration of generate's loop: scheduling,
+the forwards, mixing, sampling, bookkeeping) against the bare CausalLM forwards of the same batch: the
+engine's own overhead. Each figure beside its floor.
 
 LoRA experts (issue 5), at the model level: one decode step of K experts' B rows each, as
 `lora-experts` (one base forward of all K*B rows + each adapter's delta), `full-experts` (K models),
@@ -118,6 +119,27 @@ def checkpoints(cache: Path, shape_name: str, num_experts: int) -> tuple[list[Pa
     return experts, make_random_checkpoint(cache / shape_name / "pcm", shape_name, seed=PCM_SEED)
 
 
+class DecodeTimer:
+    """Wraps an engine's scheduler: the wall time of every decode iteration of generate's loop (from one
+    `schedule` call to the next) is appended to `durations`; `reset()` before each generate."""
+
+    def __init__(self, engine):
+        self.durations: list[float] = []
+        self.schedule, self.in_flight = engine.scheduler.schedule, None
+        engine.scheduler.schedule = self
+
+    def reset(self) -> None:
+        self.in_flight = None
+
+    def __call__(self):
+        now = time.perf_counter()
+        if self.in_flight is not None and not self.in_flight[1]:
+            self.durations.append(now - self.in_flight[0])
+        step, is_prefill = self.schedule()
+        self.in_flight = (now, is_prefill)
+        return step, is_prefill
+
+
 class RolloutProviders:
     """`ours` (the Engine, with `BenchPCM`) and `hf-loop` over the same K random experts and PCM, plus the
     bare CausalLM forwards of one decode step (the engine's own models)."""
@@ -138,6 +160,7 @@ class RolloutProviders:
         blocks = max_batch * (num_experts + 1) * -(-(MAX_PROMPT_TOKENS + max_new_tokens) // 16)
         self.engine = Engine(expert_dirs, pcm=provider, device=device, dtype=dtype, num_kv_blocks=blocks,
                              max_num_seqs=max_batch)
+        self.decode_timer = DecodeTimer(self.engine)
         hf_load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.hf_models = [hf_load(d) for d in expert_dirs]
         self.loop_pcm = LoopPCM(hf_load(pcm_dir), head)
@@ -147,14 +170,15 @@ class RolloutProviders:
         ids = [self.tokenizer.encode(p) for p in prompts]
         # the bare forwards of one decode step mid-rollout: K experts with logits, the PCM without
         step = DecodeStep(self.shape, batch, max(map(len, ids)) + new_tokens // 2, self.dtype, self.device)
-        return {"ours": partial(engine_rollout, self.engine, prompts, new_tokens),
+        return {"ours": partial(engine_rollout, self.engine, self.decode_timer, prompts, new_tokens),
                 "hf-loop": partial(loop_rollout, self.hf_models, self.loop_pcm, ids, new_tokens),
                 "bare": partial(forward_models, step, self.engine.runner.models, self.num_experts)}
 
 
-def engine_rollout(engine, prompts: list[str], new_tokens: int) -> None:
+def engine_rollout(engine, timer: DecodeTimer, prompts: list[str], new_tokens: int) -> None:
     from mope.engine.sampling_params import SamplingParams
 
+    timer.reset()
     sampling = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=new_tokens, ignore_eos=True)
     outs = engine.generate(prompts, preferences=["bench"] * len(prompts), sampling=sampling)
     assert all(len(o.token_ids) == new_tokens for o in outs)
@@ -178,14 +202,15 @@ def rollout_table(args) -> Iterator[str]:
                              args.new_tokens)
     shape, new = setup.shape, args.new_tokens
     weights = args.experts * matmul_params(shape) + matmul_params(shape, logits=False)
-    yield "| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our step ms " \
+    yield "| B | ours tok/s | hf-loop tok/s | ours / hf-loop | floor tok/s | our decode step ms " \
           "| bare forwards ms | overhead | floor step ms |"
     yield "|" + "---|" * 9
     for batch in args.batch:
         for warmup in setup.providers(batch, 4).values():  # a short rollout warms each provider up
             warmup()
+        setup.decode_timer.durations.clear()
         ms = median_ms(setup.providers(batch, new), args.repeats, warmup=False)
-        our_step = ms["ours"] / new
+        our_step = 1e3 * statistics.median(setup.decode_timer.durations)
         floor = floor_ms(2 * batch * weights, 4 * weights)
         yield (f"| {batch} | {rate(batch * new, ms['ours'])} | {rate(batch * new, ms['hf-loop'])} "
                f"| {ms['hf-loop'] / ms['ours']:.2f}x | {rate(batch, floor)} | {our_step:.1f} "
