@@ -6,10 +6,12 @@ The build is cached in torch's extensions directory (TORCH_EXTENSIONS_DIR, defau
 """
 
 import functools
+import hashlib
 import importlib.resources
 import os
 import shutil
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 # -fopenmp makes at::parallel_for (inline in the ATen headers) run in parallel; no -march=native, so a
@@ -26,8 +28,11 @@ def load_cpp(name: str) -> ModuleType | None:
     _put_ninja_on_path()
     from torch.utils.cpp_extension import load
 
+    # torch rebuilds when a source or a flag changes, not a header: the headers' hash goes in as a flag
+    headers = sorted(Path(str(source)).parent.glob("*.h"))
+    digest = f"-DMOPE_HEADERS={hashlib.sha256(b''.join(h.read_bytes() for h in headers)).hexdigest()[:16]}"
     errors = []
-    for flags in (_FLAGS, [f for f in _FLAGS if f != "-fopenmp"]):
+    for flags in ([*_FLAGS, digest], [f for f in _FLAGS if f != "-fopenmp"] + [digest]):
         try:
             return load(name=f"mope_{name}", sources=[str(source)], extra_cflags=flags,
                         extra_ldflags=[f for f in flags if f == "-fopenmp"], verbose=False)

@@ -100,3 +100,17 @@ def make_tiny_checkpoint(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
+    """A peft adapter of `base_dir` whose lora_B is random (peft initialises it to zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora_settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, save_adapter
 from mope.engine.engine import Engine
 from mope.engine.loader import load_model, load_tokenizer
 from mope.engine.sampling_params import SamplingParams
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -22,18 +22,6 @@ def checkpoints(tmp_path_factory):
         "pcm": make_tiny_checkpoint(root / "pcm", "llama", seed=3, hidden_size=32, num_attention_heads=2),
         "other_vocab": make_tiny_checkpoint(root / "other_vocab", "llama", vocab=336, seed=4),
     }
-
-
-def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
-    """A peft adapter of `base_dir` with random lora_B (peft initialises it to zero)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora_settings))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, save_adapter
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
 from mope.engine.lora import LoRAGroup, adapter_base, is_adapter_dir, load_adapter
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -20,18 +20,6 @@ ADAPTERS = (
 )
 BLOCK_SIZE = 4
 NEW_TOKENS = 12
-
-
-def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
-    """A peft adapter of `base_dir` whose lora_B is random (peft initialises it to zero)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora_settings))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 def merge_into_checkpoint(base_dir, adapter_dir, out_dir):
