@@ -10,9 +10,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     demo = subparsers.add_parser(
         "demo",
         help="build the demo kit and show MoPE learning preferences (CPU, nothing downloaded)",
-        description="Build (or reuse) the demo kit: a synthetic corpus, a tokenizer, six small expert "
-        "LMs and a PCM backbone, cached. Then REBEL-train the PCM on the 8 preference combinations and "
-        "compare it with uniform weights and the best single expert on held-out instructions.",
+        description="Build (or reuse) the demo kit: a synthetic corpus, a tokenizer, a small base LM, six "
+        "LoRA expert adapters over it and a PCM backbone, cached. Then REBEL-train the PCM on the 8 "
+        "preference combinations and compare it with uniform weights and the best single expert on "
+        "held-out instructions.",
     )
     demo.add_argument("--steps", type=int, default=40, help="REBEL steps (default: 40)")
     demo.add_argument("--out", default="demo_out", metavar="DIR",
