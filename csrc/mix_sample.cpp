@@ -283,11 +283,11 @@ std::pair<uint32_t, double> pick_bin(const double* hist, int bins, double above,
 }
 
 // The threshold among {q >= lower}, for W(lower) = total. A vectorised bisection over the bits, one pass
-// over q per halving, brackets it within 2^19 bit patterns (1/16 of a binade: few values); the values there
-// are collected and resolved exactly by a two-level radix select (10 + 9 bits).
+// over q per halving, brackets it within 2^16 bit patterns (1/128 of a binade: few values); the values
+// there are collected and resolved exactly by a two-level radix select (7 + 9 bits).
 float select_threshold(const float* q, int64_t vocab, float lower, bool by_mass, double target, double total,
                        std::vector<float>& candidates) {
-  constexpr int kLowBits = 19;
+  constexpr int kLowBits = 16;
   uint32_t lo = float_bits(lower), hi = float_bits(max_of(q, vocab)) + 1;
   if (by_mass) {  // W(x) >= total - V x, so x = (total - target) / V still has W(x) >= target
     const float floor_value = float((total - target) / double(vocab) * (1.0 - 1e-6));
