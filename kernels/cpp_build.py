@@ -10,6 +10,7 @@ import hashlib
 import importlib.resources
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ def load_cpp(name: str) -> ModuleType | None:
     # torch rebuilds when a source or a flag changes, not a header: the headers' hash goes in as a flag
     headers = sorted(Path(str(source)).parent.glob("*.h"))
     digest = f"-DMOPE_HEADERS={hashlib.sha256(b''.join(h.read_bytes() for h in headers)).hexdigest()[:16]}"
+    _announce_first_build(f"mope_{name}")
     errors = []
     for flags in ([*_FLAGS, digest], [f for f in _FLAGS if f != "-fopenmp"] + [digest]):
         try:
@@ -41,6 +43,19 @@ def load_cpp(name: str) -> ModuleType | None:
     warnings.warn(f"C++ kernel {name!r} could not be built; using the torch backend instead.\n"
                   + "\n".join(errors), RuntimeWarning, stacklevel=2)
     return None
+
+
+def _announce_first_build(module: str) -> None:
+    """One line on stderr when nothing is built yet: the compile takes about a minute, silently otherwise."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = any(Path(_get_build_directory(module, verbose=False)).glob(f"{module}*.so"))
+    except Exception:  # a private torch helper: if it moves, say nothing rather than fail
+        return
+    if not built:
+        print(f"mope: compiling the C++ kernel {module} (first use on this machine, about a minute; "
+              "cached afterwards)", file=sys.stderr, flush=True)
 
 
 def _put_ninja_on_path() -> None:
