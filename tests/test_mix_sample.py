@@ -296,7 +296,9 @@ def test_auto_falls_back_to_torch_when_cpp_cannot_be_built(monkeypatch):
 
 def test_load_cpp_warns_once_and_returns_none_on_a_compile_error(monkeypatch, tmp_path):
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
-    monkeypatch.setattr(cpp_build.importlib.resources, "files", lambda package: tmp_path)
+    files = cpp_build.importlib.resources.files  # only our package's files move: torch reads its own
+    monkeypatch.setattr(cpp_build.importlib.resources, "files",
+                        lambda package: tmp_path if package == "mope.csrc" else files(package))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     cpp_build.load_cpp.cache_clear()
     try:
