@@ -19,10 +19,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, stored by some old checkpoints
 
 
+# Weights made in inference mode can never take the prepacked CPU path (engine/linear.py), and an engine
+# built inside `torch.inference_mode()` (a benchmark, a server) would silently decode ~2x slower at B = 8.
+@torch.inference_mode(False)
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> CausalLM:
-    """Our `CausalLM` with the weights of checkpoint directory `path`, in `dtype` on `device`, eval mode."""
+    """Our `CausalLM` with the weights of checkpoint directory `path`, in `dtype` on `device`, eval mode
+    (ordinary tensors, also when called in inference mode)."""
     path = _checkpoint_dir(path)
     config = ModelConfig.from_pretrained(path)
     files = safetensors_files(path)

@@ -170,3 +170,16 @@ def test_tiny_checkpoints_of_every_architecture_share_one_vocabulary(tmp_path):
         for arch in ("llama", "mistral", "qwen2", "qwen3")
     ]
     assert len(vocabularies[0]) == 301 and all(v == vocabularies[0] for v in vocabularies)
+
+
+def test_a_model_loaded_in_inference_mode_keeps_the_prepacked_cpu_path(tmp_path):
+    from mope.engine import linear
+
+    path = make_tiny_checkpoint(tmp_path / "model", "llama")
+    with torch.inference_mode():
+        model = load_model(path)
+        projections = [m for m in model.modules() if isinstance(m, linear.Linear)]
+        assert projections and not any(p.weight.is_inference() for p in projections)
+        weight = projections[0].weight
+        linear.fast_linear(torch.randn(2, weight.shape[1]), weight)
+        assert (weight in linear._packed) == linear._HAS_MKL
