@@ -65,6 +65,10 @@ def test_equal_consecutive_segments(backend, order):
     out = add_lora(base.clone(), x, lora_a, lora_b, rows, scaling=scaling, backend=backend)
     torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, lora_b, index, base, scaling),
                                **TOLERANCES[torch.float32])
+    unscaled = add_lora(base.clone(), x, lora_a, lora_b, rows, backend=backend)
+    torch.testing.assert_close(unscaled.double(),
+                               dense_per_row(x, lora_a, lora_b, index, base, torch.ones_like(scaling)),
+                               **TOLERANCES[torch.float32])
 
 
 def test_segment_adapters_only_for_equal_segments_covering_every_row():
