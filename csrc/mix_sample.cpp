@@ -212,20 +212,19 @@ inline float chunk_weight_at_least(const float* q, int64_t n, float x, bool by_m
   return s;
 }
 
-// W(x) per block of kDrawBlock values into block_weights; returns their sum
-HOT_LOOP double block_weights_at_least(const float* q, int64_t n, float x, bool by_mass, double* block_weights) {
+// The mass of {q >= x} per block of kDrawBlock values into block_masses; returns their sum
+HOT_LOOP double block_masses_at_least(const float* q, int64_t n, float x, double* block_masses) {
   double total = 0.0;
   for (int64_t start = 0, j = 0; start < n; start += kDrawBlock, ++j) {
-    const double w = chunk_weight_at_least(q + start, std::min(kDrawBlock, n - start), x, by_mass);
-    if (block_weights != nullptr) block_weights[j] = w;
-    total += w;
+    block_masses[j] = chunk_weight_at_least(q + start, std::min(kDrawBlock, n - start), x, true);
+    total += block_masses[j];
   }
   return total;
 }
 
 // W(x) over all n values, for the bisection passes: four 16-lane float partial sums per kDrawBlock chunk
 // (four independent add chains, not one), added lane-wise into 16 double sums; one horizontal sum at the
-// end. Each lane sums 4 values per chunk in float, so this is as exact as block_weights_at_least.
+// end. Each lane sums 4 values per chunk in float, so this is as exact as block_masses_at_least.
 template <bool kByMass>
 __attribute__((always_inline)) inline double weight_at_least_impl(const float* q, int64_t n, float x) {
   constexpr int64_t kLanes = 16;
@@ -324,7 +323,7 @@ float select_threshold(const float* q, int64_t vocab, float lower, bool by_mass,
 int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, std::vector<double>& block_sums) {
   const int64_t blocks = (vocab + kDrawBlock - 1) / kDrawBlock;
   block_sums.resize(blocks);
-  const double total = block_weights_at_least(q, vocab, threshold, true, block_sums.data());
+  const double total = block_masses_at_least(q, vocab, threshold, block_sums.data());
   const double target = double(u) * total;
   double running = 0.0;
   int64_t j = 0;
