@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from mope.engine.lora import TARGET_MODULES
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,6 @@ def make_random_checkpoint(directory: str | Path, shape: str | Shape, arch: str 
     return directory
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def make_random_adapter(directory: str | Path, base_dir: str | Path, shape: str | Shape, rank: int = 16,
                         seed: int = 0) -> Path:
     """Write a random PEFT LoRA adapter of a `shape` base: all seven projections, `rank`, alpha = 2 * rank."""
@@ -118,7 +116,7 @@ def make_random_adapter(directory: str | Path, base_dir: str | Path, shape: str 
     generator = torch.Generator().manual_seed(seed)
     factors = {}
     for layer in range(shape.num_hidden_layers):
-        for module in LORA_TARGETS:
+        for module in TARGET_MODULES:
             fan_in, fan_out = dims[module]
             block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
@@ -127,7 +125,7 @@ def make_random_adapter(directory: str | Path, base_dir: str | Path, shape: str 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(factors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGET_MODULES),
               "bias": "none", "base_model_name_or_path": str(base_dir), "task_type": "CAUSAL_LM"}
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return directory

@@ -66,7 +66,6 @@ class LoRARows:
                     self._groups.append((adapter, slice(first, last + 1) if consecutive else ids))
         return self._groups
 
-
     def segment_adapters(self) -> Tensor | None:
         """The adapters, in row order, when the rows are equal consecutive segments, one per adapter, that
         cover every row; else None. Cached like `groups`."""

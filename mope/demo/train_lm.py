@@ -17,9 +17,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from mope.engine.lora import CONFIG_FILE as ADAPTER_CONFIG
+from mope.engine.lora import TARGET_MODULES as LORA_TARGETS
+from mope.engine.lora import WEIGHTS_FILE as ADAPTER_WEIGHTS
+
 IGNORE = -100
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's name of the wrapped model in adapter weight keys
 
 
