@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input or an unusable path: one line, not a traceback
         print(f"mope {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

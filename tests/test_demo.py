@@ -90,6 +90,7 @@ def test_tokenizer_has_single_special_tokens_and_round_trips(tmp_path):
         (lambda tmp: SCORERS["P1A"].score(["a"], ["b", "c"]), "length"),
         (lambda tmp: build_kit((tmp / "file").touch() or tmp / "file", TINY), "cache_dir"),
         (lambda tmp: run_demo(steps=0, kit_dir=tmp), "steps"),
+        (lambda tmp: run_demo(out_dir=(tmp / "f").touch() or tmp / "f", kit_dir=tmp / "kit"), "out_dir"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_problem(tmp_path, call, match):

@@ -108,6 +108,13 @@ def run_demo(
         raise ValueError(
             f"eval_samples and eval_instructions must be >= 1, got {eval_samples}, {eval_instructions}"
         )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory")
+    try:  # before minutes of work, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir {out} cannot be created: {e}") from e
     torch.manual_seed(seed)
     clock = time.perf_counter()
     kit = build_kit(kit_dir, recipe, progress)
@@ -127,7 +134,6 @@ def run_demo(
     )
     for code, ex in examples.items():
         print(f"\n[{code}] {ex['instruction']}\n  uniform: {ex[UNIFORM]}\n  PCM:     {ex[PCM]}")
-    out = Path(out_dir)
     summary = {"kit": str(kit.root), "steps": steps, "results": results, "examples": examples}
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
     print(f"\nmetrics: {out / 'metrics.jsonl'}\nplot:    {out / 'metrics.png'}")
