@@ -1,9 +1,10 @@
 """PEFT LoRA adapters as experts over one shared base `CausalLM` (Punica / S-LoRA style).
 
 One base forward serves the rows of every adapter expert together; each projection then adds each
-adapter's low-rank delta on that adapter's own rows (`mope.kernels.lora`). The fused q/k/v and gate/up
-projections of `CausalLM` take each shard's delta in its slice of the output. Deltas are added by
-forward hooks, so the base model is not copied and a row with adapter index -1 is the plain base.
+adapter's low-rank delta on that adapter's own rows (`LoRALinear`: on CPU folded into the base GEMM,
+on CUDA `mope.kernels.lora`'s segmented kernels). The fused q/k/v and gate/up projections of `CausalLM`
+take each shard's delta in its slice of the output. The base model is not copied, and a row with
+adapter index -1 is the plain base.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mope.kernels.lora import LoRARows, add_lora
+from mope.kernels import packed_linear
+from mope.kernels.lora import BACKENDS, LoRARows, add_lora
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .context import AttentionContext
+from .linear import packed_weight, takes_packed_path
 from .model import PACKED_MODULES, CausalLM
 
 CONFIG_FILE = "adapter_config.json"
@@ -201,10 +204,61 @@ def stack_adapters(linear: nn.Linear, shards: tuple[str, ...], layer: int,
     return StackedLoRA(a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype))
 
 
-def projection(model: CausalLM, layer: int, fused: str) -> nn.Linear:
+def projection(model: CausalLM, layer: int, fused: str) -> nn.Module:
     """Our (possibly fused) linear layer `fused` of decoder layer `layer`."""
+    return getattr(_projection_parent(model, layer, fused), fused)
+
+
+def set_projection(model: CausalLM, layer: int, fused: str, module: nn.Module) -> None:
+    setattr(_projection_parent(model, layer, fused), fused, module)
+
+
+def _projection_parent(model: CausalLM, layer: int, fused: str) -> nn.Module:
     block = model.model.layers[layer]
-    return getattr(block.self_attn if fused in ("qkv_proj", "o_proj") else block.mlp, fused)
+    return block.self_attn if fused in ("qkv_proj", "o_proj") else block.mlp
+
+
+class StepRows:
+    """The adapter of each row of the step being run, shared by a group's projections (None: no step)."""
+
+    rows: LoRARows | None = None
+
+
+class LoRALinear(nn.Module):
+    """A base projection of a LoRAGroup: the base output of every row plus its own adapter's delta.
+
+    On CPU, for decode-size steps, the adapters' A factors are folded into the base weight and one call
+    of `packed_linear.packed_lora_linear` does the base GEMM, every shrink and each row's own expand:
+    the step reads the base and each factor once (bench/README.md, LoRA experts). The base weight
+    becomes a view into the folded one, so nothing is stored twice. Otherwise (CUDA, prefill, the
+    "torch"/"triton" backends) it is the base layer plus `add_lora`.
+    """
+
+    @torch.inference_mode(False)  # inference tensors could never take the packed path
+    def __init__(self, base_layer: nn.Linear, lora: StackedLoRA, step: StepRows, backend: str):
+        super().__init__()
+        self.base_layer, self.lora, self.step, self.backend = base_layer, lora, step, backend
+        num_adapters, width, _ = lora.a.shape
+        weight = base_layer.weight
+        self.folded_weight = torch.cat([weight.detach(), lora.a.reshape(-1, weight.shape[1])])
+        weight.data = self.folded_weight[: weight.shape[0]]  # shares storage and version counter
+        self.folded_bias = None if base_layer.bias is None else torch.cat(
+            [base_layer.bias.detach(), base_layer.bias.new_zeros(num_adapters * width)])
+        self.expand_weight = lora.b.permute(1, 0, 2).reshape(weight.shape[0], -1).contiguous()
+        self._packed_expand: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self.step.rows
+        if rows is None:
+            return self.base_layer(x)
+        if not (self.backend == "auto" and packed_linear.available()
+                and takes_packed_path(x, self.folded_weight)):
+            return add_lora(self.base_layer(x), x, self.lora.a, self.lora.b, rows, backend=self.backend)
+        if self._packed_expand is None:
+            self._packed_expand = packed_linear.pack_lora_expand(self.expand_weight, rows.num_adapters)
+        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight),
+                                                self.base_layer.out_features, self.folded_bias,
+                                                rows.adapter_index, self._packed_expand)
 
 
 class LoRAGroup(nn.Module):
@@ -212,7 +266,9 @@ class LoRAGroup(nn.Module):
 
     `forward(..., adapter_index)` runs the base once over all rows; row n also gets the delta of
     adapter `adapter_index[n]` (-1: the plain base). Each adapter expert keeps its own KV blocks:
-    give its sequences their own block tables / slots in `ctx`, as for any other expert.
+    give its sequences their own block tables / slots in `ctx`, as for any other expert. The targeted
+    projections of the base are replaced by `LoRALinear`s until `remove()`.
+    backend: "auto" (the folded GEMMs on CPU, Triton on CUDA), "torch" (add_lora's reference) or "triton".
     """
 
     def __init__(self, base: CausalLM, adapters: list[str | Path], base_path: str | Path | None = None,
@@ -220,16 +276,16 @@ class LoRAGroup(nn.Module):
         super().__init__()
         if not adapters:
             raise ValueError("adapters must name at least one adapter directory")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.base = base
-        self.backend = backend
         self.adapters = [load_adapter(p, base_path) for p in adapters]
         layers = base.model.layers
         for adapter in self.adapters:
             deep = [layer for layer, _ in adapter.weights if layer >= len(layers)]
             if deep:
                 raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {len(layers)}")
-        self._rows: LoRARows | None = None
-        self._hooks = []
+        self.step = StepRows()
         self.stacks: dict[tuple[int, str], StackedLoRA] = {}
         for i in range(len(layers)):
             for fused, shards in FUSED_SHARDS.items():
@@ -237,7 +293,7 @@ class LoRAGroup(nn.Module):
                 stacked = stack_adapters(linear, shards, i, self.adapters)
                 if stacked is not None:
                     self.stacks[(i, fused)] = stacked
-                    self._hooks.append(linear.register_forward_hook(self._hook(stacked)))
+                    set_projection(base, i, fused, LoRALinear(linear, stacked, self.step, backend))
 
     @property
     def num_adapters(self) -> int:
@@ -248,22 +304,16 @@ class LoRAGroup(nn.Module):
         """The base's ModelConfig: every adapter expert has the base's shape (and KV layout)."""
         return self.base.config
 
-    def _hook(self, lora: StackedLoRA):
-        def add_delta(module: nn.Module, args: tuple[Tensor], out: Tensor) -> None:
-            if self._rows is not None:
-                add_lora(out, args[0], lora.a, lora.b, self._rows, backend=self.backend)
-        return add_delta
-
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
                 kv_cache: list[tuple[Tensor, Tensor]] | None, adapter_index: Tensor) -> Tensor:
         """As `CausalLM.forward`; `adapter_index` (N,) int64 in [-1, L): each token's adapter (-1: none)."""
         if adapter_index.shape != input_ids.shape:
             raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
-        self._rows = LoRARows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
+        self.step.rows = LoRARows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
         try:
             return self.base(input_ids, positions, ctx, kv_cache)
         finally:
-            self._rows = None
+            self.step.rows = None
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.base.compute_logits(hidden)
@@ -281,6 +331,7 @@ class LoRAGroup(nn.Module):
 
     def remove(self) -> None:
         """Detach the adapters: the base model computes the plain base again."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        for layer, fused in self.stacks:
+            module = projection(self.base, layer, fused)
+            if isinstance(module, LoRALinear):
+                set_projection(self.base, layer, fused, module.base_layer)

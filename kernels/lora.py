@@ -5,10 +5,10 @@
 A (L, R, H) and B (L, OUT, R) stack the L adapters (smaller ranks zero-padded to R: exact). A model's
 linear layer calls `add_lora(out, x, A, B, rows)` right after its base matmul, for the rows of every
 expert at once; `rows = LoRARows.from_index(adapter_index, L)` is built once per step and shared by all
-projections. Backends: "torch" (the reference: one matmul pair per adapter over its gathered rows), "cpu"
-(one batched matmul pair when the rows are equal consecutive segments of distinct adapters, as in a decode
-step of equal batches; else the reference), "triton" (kernels/lora_triton.py, SGMV-style tiles).
-"auto": triton on CUDA, else cpu.
+projections. Backends: "torch" (the reference: one matmul pair per adapter over its gathered rows) and
+"triton" (kernels/lora_triton.py, SGMV-style tiles); "auto": triton on CUDA, else torch. On CPU the
+engine's decode steps take `packed_linear.packed_lora_linear` instead, which folds the shrinks into the
+base layer's GEMM (engine/lora.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .lora_triton import LoRATiles, add_lora_triton, lora_tiles
 
-BACKENDS = ("auto", "torch", "cpu", "triton")
+BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -34,7 +34,6 @@ class LoRARows:
     num_adapters: int
     tiles: LoRATiles
     _groups: list[tuple[int, slice | Tensor]] | None = field(default=None, repr=False)
-    _segments: tuple[Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def from_index(cls, adapter_index: Tensor, num_adapters: int) -> LoRARows:
@@ -66,19 +65,6 @@ class LoRARows:
                     self._groups.append((adapter, slice(first, last + 1) if consecutive else ids))
         return self._groups
 
-    def segment_adapters(self) -> Tensor | None:
-        """The adapters, in row order, when the rows are equal consecutive segments, one per adapter, that
-        cover every row; else None. Cached like `groups`."""
-        if self._segments is None:
-            groups, num_rows = self.groups(), len(self.adapter_index)
-            size = num_rows // len(groups) if groups else 0
-            equal = size > 0 and all(isinstance(rows, slice) and rows.stop - rows.start == size
-                                     for _, rows in groups)
-            groups = sorted(groups, key=lambda group: group[1].start) if equal else groups
-            equal = equal and size * len(groups) == num_rows
-            self._segments = (torch.tensor([a for a, _ in groups]) if equal else None,)
-        return self._segments[0]
-
 
 def add_lora(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows: LoRARows | Tensor, *,
              scaling: Tensor | None = None, backend: str = "auto") -> Tensor:
@@ -91,18 +77,14 @@ def add_lora(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows: LoRAR
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(lora_a, Tensor) and lora_a.dim() == 3 and not isinstance(rows, LoRARows):
         rows = LoRARows.from_index(rows, lora_a.shape[0])
-    unit_scaling = scaling is None
     scaling = check_lora_args(out, x, lora_a, lora_b, rows, scaling)
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "cpu"
-    if backend == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-        return add_lora_triton(out, x, lora_a, lora_b, rows.tiles, scaling)
-    adapters = rows.segment_adapters() if backend == "cpu" and not x.is_cuda else None
-    if adapters is None:
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "torch":
         return add_lora_torch(out, x, lora_a, lora_b, rows, scaling)
-    return add_lora_segments(out, x, lora_a, lora_b, adapters, None if unit_scaling else scaling)
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    return add_lora_triton(out, x, lora_a, lora_b, rows.tiles, scaling)
 
 
 def add_lora_torch(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows: LoRARows,
@@ -115,24 +97,6 @@ def add_lora_torch(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows:
             out[selected] += delta
         else:  # index_put_: index_add_ was measured far slower on contended CPU threads (torch 2.13)
             out.index_put_((selected,), delta, accumulate=True)
-    return out
-
-
-def add_lora_segments(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, adapters: Tensor,
-                      scaling: Tensor | None) -> Tensor:
-    """Rows in equal consecutive segments, segment i for adapters[i]: one bmm pair for all of them (on CPU
-    ~2.7x faster than a matmul pair per adapter at decode sizes: fewer, larger calls)."""
-    segments = len(adapters)
-    if torch.equal(adapters, torch.arange(segments)) and segments == lora_a.shape[0]:
-        a, b, scale = lora_a, lora_b, scaling
-    else:
-        a, b = lora_a[adapters], lora_b[adapters]
-        scale = None if scaling is None else scaling[adapters]
-    x3 = x.view(segments, -1, x.shape[1])
-    delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
-    if scale is not None:  # None: folded into lora_b already (the engine's adapters)
-        delta *= scale[:, None, None]
-    out += delta.view(out.shape).to(out.dtype)
     return out
 
 

@@ -8,7 +8,8 @@ import torch
 from helpers import make_tiny_checkpoint, save_adapter
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
-from mope.engine.lora import LoRAGroup, adapter_base, is_adapter_dir, load_adapter
+from mope.engine.lora import LoRAGroup, LoRALinear, adapter_base, is_adapter_dir, load_adapter
+from mope.kernels import packed_linear
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -97,12 +98,14 @@ def group_forward(group, row_adapters: list[int]):
 
 
 @torch.no_grad()
-def test_adapter_rows_match_merged_checkpoints(checkpoints):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_adapter_rows_match_merged_checkpoints(checkpoints, backend):
     """Logits of every row of a mixed batch (adapter 0, adapter 1, plain base) equal those of the adapter
-    merged into the base by hand and loaded as a full expert, and the base is untouched after remove()."""
+    merged into the base by hand and loaded as a full expert, and the base is untouched after remove().
+    "auto" on CPU takes the folded packed GEMM (42 rows), "torch" the base layer plus add_lora."""
     base_dir, adapter_dirs, merged_dirs = checkpoints
     base = load_model(base_dir)
-    group = LoRAGroup(base, adapter_dirs, base_path=base_dir)
+    group = LoRAGroup(base, adapter_dirs, base_path=base_dir, backend=backend)
     experts = [load_model(d) for d in merged_dirs] + [load_model(base_dir)]
     chunks = prompts() * 3
     row_adapters = [0, 0, 1, 1, -1, -1]
@@ -113,6 +116,8 @@ def test_adapter_rows_match_merged_checkpoints(checkpoints):
         expected = PagedDecoder(base.config, 1, 32).step(lambda *a, m=expert: m.compute_logits(m(*a)),
                                                          [chunks[row]], is_prefill=True)
         torch.testing.assert_close(logits[row], expected[0], atol=2e-5, rtol=1e-5)
+    folded = [m._packed_expand is not None for m in base.modules() if isinstance(m, LoRALinear)]
+    assert folded and all(folded) == (backend == "auto" and packed_linear.available())
     group.remove()
     plain = PagedDecoder(base.config, 1, 32).step(lambda *a: base.compute_logits(base(*a)), [chunks[0]], True)
     expected = PagedDecoder(base.config, 1, 32).step(lambda *a: experts[-1].compute_logits(experts[-1](*a)),

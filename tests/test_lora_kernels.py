@@ -1,11 +1,13 @@
-"""add_lora (batched LoRA over rows of many adapters): every backend against a dense per-row float64
-computation and the torch reference; the Triton kernels run in the interpreter."""
+"""Batched LoRA over rows of many adapters against a dense per-row float64 computation and the torch
+reference: add_lora's backends (the Triton kernels run in the interpreter) and the CPU fold of the engine's
+decode steps (packed_linear.packed_lora_linear)."""
 
 import pytest
 import torch
+from mope.kernels import packed_linear
 from mope.kernels.lora import LoRARows, add_lora
 
-BACKENDS = ["torch", "cpu", "triton"]
+BACKENDS = ["torch", "triton"]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -53,32 +55,7 @@ def test_matches_dense_per_row(backend, dtype, sort_rows):
         torch.testing.assert_close(out, reference, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1], [2, 0]])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_equal_consecutive_segments(backend, order):
-    """The decode step's layout (each adapter's rows consecutive, equal counts): the cpu backend's batched
-    path, in and out of adapter order and with an adapter missing."""
-    x, lora_a, lora_b, _, base, scaling = make_case(num_rows=3 * len(order), num_adapters=3)
-    index = torch.tensor(order).repeat_interleave(3)
-    rows = LoRARows.from_index(index, 3)
-    assert torch.equal(rows.segment_adapters(), torch.tensor(order))
-    out = add_lora(base.clone(), x, lora_a, lora_b, rows, scaling=scaling, backend=backend)
-    torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, lora_b, index, base, scaling),
-                               **TOLERANCES[torch.float32])
-    unscaled = add_lora(base.clone(), x, lora_a, lora_b, rows, backend=backend)
-    torch.testing.assert_close(unscaled.double(),
-                               dense_per_row(x, lora_a, lora_b, index, base, torch.ones_like(scaling)),
-                               **TOLERANCES[torch.float32])
-
-
-def test_segment_adapters_only_for_equal_segments_covering_every_row():
-    assert LoRARows.from_index(torch.tensor([0, 0, 1]), 2).segment_adapters() is None
-    assert LoRARows.from_index(torch.tensor([0, 0, -1, -1]), 2).segment_adapters() is None
-    assert LoRARows.from_index(torch.tensor([0, 1, 0, 1]), 2).segment_adapters() is None
-    assert LoRARows.from_index(torch.tensor([], dtype=torch.int64), 2).segment_adapters() is None
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_rows_reused_across_projections_and_scaling_none(backend):
     # Two projections of one step (different H and OUT) share one LoRARows; scaling None means 1.
     x, lora_a, lora_b, index, base, _ = make_case(num_rows=20, num_adapters=4, rank=16, seed=1)
@@ -103,6 +80,65 @@ def test_no_rows_and_all_base_rows(backend):
     no_index = torch.zeros(0, dtype=torch.int64)
     empty = add_lora(base[:0].clone(), x[:0], lora_a, lora_b, no_index, backend=backend)
     assert empty.shape == (0, base.shape[1])
+
+
+def packed_lora(x, weight, bias, lora_a, lora_b, index, scaling):
+    """x @ weightᵀ + bias + each row's delta through packed_lora_linear, as engine/lora.py builds it."""
+    num_adapters, rank, hidden = lora_a.shape
+    folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(-1, hidden)]))
+    folded_bias = torch.cat([bias, torch.zeros(num_adapters * rank)])
+    expand = (lora_b * scaling[:, None, None]).permute(1, 0, 2).reshape(weight.shape[0], -1)
+    return packed_linear.packed_lora_linear(x, folded, weight.shape[0], folded_bias, index,
+                                            packed_linear.pack_lora_expand(expand, num_adapters))
+
+
+needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_linear needs an AVX-512 CPU")
+
+
+@needs_packed
+@pytest.mark.parametrize("num_rows", [1, 12, 37, 64])
+@pytest.mark.parametrize("sort_rows", [False, True])
+def test_packed_lora_linear_matches_dense_per_row(num_rows, sort_rows):
+    """Rows unsorted (runs of one row) and sorted (runs longer than the 12-row micro-kernel), -1 rows,
+    an adapter without rows, output and hidden sizes off the 32-output panels; then the block-diagonal
+    expand of a fused projection (two shards), whose zero blocks the kernel skips."""
+    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
+    weight, bias = torch.randn(70, 80) / 9, torch.randn(70)
+    base = torch.nn.functional.linear(x, weight, bias)
+    out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
+    expected = dense_per_row(x, lora_a, lora_b, index, base, scaling)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+    fused_b = torch.zeros_like(lora_b)
+    fused_b[:, :40, :4], fused_b[:, 40:, 4:] = lora_b[:, :40, :4], lora_b[:, 40:, 4:]
+    out = packed_lora(x, weight, bias, lora_a, fused_b, index, scaling)
+    torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, fused_b, index, base, scaling),
+                               **TOLERANCES[torch.float32])
+
+
+@needs_packed
+def test_pack_lora_expand_skips_zero_columns_per_panel():
+    """k_ranges: per 32-output panel and adapter, the span of that adapter's columns nonzero there."""
+    b = torch.zeros(70, 2 * 6)  # two adapters, width 6
+    b[:32, 0:2] = 1.0  # panel 0, adapter 0: columns 0-1
+    b[40:45, 3] = 1.0  # panel 1, adapter 0: column 3
+    b[64:, 6 + 5] = 1.0  # panel 2, adapter 1: column 5
+    _, k_ranges = packed_linear.pack_lora_expand(b, 2)
+    assert k_ranges.tolist() == [[[0, 2], [0, 0]], [[3, 4], [0, 0]], [[0, 0], [5, 6]]]
+
+
+@needs_packed
+def test_packed_lora_linear_refuses_bad_inputs():
+    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=6)
+    weight, bias = torch.randn(70, 80), torch.randn(70)
+    with pytest.raises(ValueError, match="adapter out of range"):
+        packed_lora(x, weight, bias, lora_a, lora_b, torch.full((6,), 3), scaling)
+    with pytest.raises(ValueError, match="adapter_index"):
+        packed_lora(x, weight, bias, lora_a, lora_b, index[:-1], scaling)
+    with pytest.raises(ValueError, match="bias"):
+        packed_lora(x, weight, bias[:-1], lora_a, lora_b, index, scaling)
+    with pytest.raises(ValueError, match="rows"):
+        packed_lora(torch.randn(65, 80), weight, bias, lora_a, lora_b, torch.zeros(65, dtype=torch.int64),
+                    scaling)
 
 
 def bad_inputs():

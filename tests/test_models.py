@@ -5,7 +5,6 @@ import pytest
 import torch
 from helpers import make_tiny_checkpoint
 from mope.engine.context import AttentionContext
-from mope.engine.linear import Linear
 from mope.engine.loader import load_model
 from transformers import AutoModelForCausalLM
 
@@ -219,18 +218,3 @@ def test_sliding_window_is_exact_within_and_refused_beyond(tmp_path):
         )
         with pytest.raises(ValueError, match="sliding window"):
             prefill_without_cache(ours, [make_prompts()[2][:9]])
-
-
-def test_fast_linear_equals_linear_and_follows_weight_updates():
-    layer = Linear(48, 40, bias=True)
-    for rows in (1, 7, 32, 64, 100):  # packed MKL weight up to 64 rows, F.linear beyond
-        x = torch.randn(rows, 48)
-        with torch.inference_mode():
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    x = torch.randn(16, 48)
-    with torch.no_grad():
-        layer(x)
-        layer.weight.mul_(-2.0)  # an in-place update (optimizer step, LoRA merge) must not leave a stale copy
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    layer(x).sum().backward()  # with autograd on it is a differentiable F.linear
-    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(40, 48))

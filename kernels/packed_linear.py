@@ -1,0 +1,98 @@
+"""fp32 linear for few rows on CPU: a weight-streaming GEMM over a weight packed once (csrc/packed_linear.cpp)
+
+A decode step multiplies a handful of rows by every weight, so its speed is the speed of reading the
+weights. `pack_weight(w)` lays W out as 32-output panels read in one sequential, prefetched stream;
+`packed_linear(x, packed, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
+`packed_lora_linear` the same layer plus each row's own LoRA adapter (the engine's CPU path for adapter
+experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/kernels.py`).
+The torch reference is `F.linear`. `available()` is False without a C++ compiler or without AVX-512;
+callers then use F.linear (or MKL's packed GEMM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .cpp_build import load_cpp
+
+PANEL = 32  # outputs per panel of a packed weight
+MAX_ROWS = 64  # beyond this MKL's blocked sgemm reuses each weight over more rows than we do
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the C++ kernel is built and this CPU runs it."""
+    module = load_cpp("packed_linear")
+    return module is not None and module.supported()
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """(N, K) fp32 CPU weight -> its (ceil(N / 32), K, 32) panels, for `packed_linear`."""
+    _require_available()
+    return load_cpp("packed_linear").pack_weight(weight.detach())
+
+
+def packed_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ Wᵀ + bias -> (M, out_features) fp32, W given as `pack_weight(W)`; M <= MAX_ROWS."""
+    _require_available()
+    return load_cpp("packed_linear").packed_linear(_checked_rows(x), packed, out_features, bias)
+
+
+def pack_lora_expand(weight: Tensor, num_adapters: int) -> tuple[Tensor, Tensor]:
+    """The expand factors [B_0 .. B_{L-1}] side by side, (OUT, L * width) fp32 -> (packed, k_ranges) for
+    `packed_lora_linear`. k_ranges (panels, L, 2): the span of adapter l's columns that is nonzero in
+    each panel of 32 outputs (a fused projection's B is block-diagonal over its shards: the rest is
+    skipped; smaller ranks' zero padding too)."""
+    packed = pack_weight(weight)
+    if weight.shape[1] % num_adapters:
+        raise ValueError(f"weight has {weight.shape[1]} columns, not a multiple of {num_adapters} adapters")
+    panels = torch.zeros(packed.shape[0] * PANEL, weight.shape[1], dtype=torch.bool)
+    panels[: weight.shape[0]] = weight != 0
+    nonzero = panels.view(packed.shape[0], PANEL, num_adapters, -1).any(dim=1)  # (panels, L, width)
+    width = nonzero.shape[2]
+    columns = torch.arange(width)
+    lo = torch.where(nonzero, columns, width).amin(dim=2)
+    hi = torch.where(nonzero, columns + 1, 0).amax(dim=2)
+    return packed, torch.stack([lo.clamp(max=hi), hi], dim=2).contiguous()
+
+
+def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tensor | None,
+                       adapter_index: Tensor, expand: tuple[Tensor, Tensor]) -> Tensor:
+    """Batched LoRA over a linear layer in one call: row n gets x[n] @ Wᵀ + bias + x[n] @ A_lᵀ @ B_lᵀ for
+    l = adapter_index[n] (-1: the plain layer).
+
+    folded = pack_weight([W; A_0; ..; A_{L-1}]) (the A factors, (width, K) each, appended as extra output
+    rows: one GEMM gives the base output and every adapter's shrink); expand = pack_lora_expand([B_0 ..
+    B_{L-1}], L); bias (out_features + L * width,) with zeros past out_features, or None. Each row then
+    reads only its own adapter's expand columns. Rows in runs of one adapter (a decode step) share work.
+    Returns (M, out_features), a view into the wider output.
+    """
+    _require_available()
+    if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
+        raise ValueError(f"adapter_index must be ({x.shape[0]},), got {_describe(adapter_index)}")
+    packed, k_ranges = expand
+    both = load_cpp("packed_linear").packed_lora_linear(
+        _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(), packed,
+        k_ranges)
+    return both[:, :out_features]
+
+
+def _checked_rows(x: Tensor) -> Tensor:
+    """x as the kernels take it; packed weights and biases are checked in C++ (a ValueError naming them)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype != torch.float32 or not x.is_cpu:
+        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {_describe(x)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"x has {x.shape[0]} rows; packed_linear serves at most {MAX_ROWS} (use F.linear)")
+    return x.contiguous()
+
+
+def _require_available() -> None:
+    if not available():
+        raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and an AVX-512 CPU; use F.linear")
+
+
+def _describe(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__

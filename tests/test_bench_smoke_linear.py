@@ -1,0 +1,31 @@
+"""bench/linear.py --smoke runs end to end, and its providers compute x @ wᵀ."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.linear import providers  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "linear.py"
+
+
+def test_providers_agree_with_a_plain_matmul():
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out, inp, generator=g) / inp**0.5 for out, inp in ((70, 24), (33, 40))]
+    xs = {24: torch.randn(3, 24, generator=g), 40: torch.randn(3, 40, generator=g)}
+    with torch.inference_mode():
+        for name, fn in providers(weights).items():
+            for got, w in zip(fn(xs), weights, strict=True):
+                torch.testing.assert_close(got, xs[w.shape[1]] @ w.t(), msg=name)
+
+
+def test_smoke_run_prints_every_provider():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "read bandwidth" in lines[0] and "sgemm" in lines[1] and "floor" in lines[1]
+    assert lines[2].split()[0] == "2" and lines[2].endswith("x")
