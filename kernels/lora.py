@@ -28,16 +28,16 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class LoRARows:
-    """A step's rows by adapter: `adapter_index` (N,) int64 in [-1, L) and the Triton tile table."""
+    """A step's rows by adapter: `adapter_index` (N,) int64 in [-1, L), grouped on first use."""
 
     adapter_index: Tensor
     num_adapters: int
-    tiles: LoRATiles
+    _tiles: LoRATiles | None = field(default=None, repr=False)
     _groups: list[tuple[int, slice | Tensor]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_index(cls, adapter_index: Tensor, num_adapters: int) -> LoRARows:
-        """Checks `adapter_index` (values only off CUDA, where it would cost a sync) and builds the table."""
+        """Checks `adapter_index` (its values only off CUDA, where that would cost a sync)."""
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         if not isinstance(adapter_index, Tensor) or adapter_index.dim() != 1:
@@ -50,7 +50,14 @@ class LoRARows:
             low, high = int(index.min()), int(index.max())
             if low < -1 or high >= num_adapters:
                 raise ValueError(f"adapter_index must be in [-1, {num_adapters}), got values {low}..{high}")
-        return cls(index, num_adapters, lora_tiles(index, num_adapters))
+        return cls(index, num_adapters)
+
+    @property
+    def tiles(self) -> LoRATiles:
+        """The Triton tile table, built on first use (on device, no sync) and shared by the step."""
+        if self._tiles is None:
+            self._tiles = lora_tiles(self.adapter_index, self.num_adapters)
+        return self._tiles
 
     def groups(self) -> list[tuple[int, slice | Tensor]]:
         """(adapter, its rows) for each adapter with rows: a slice when they are consecutive (no gather),

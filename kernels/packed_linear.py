@@ -19,7 +19,7 @@ from torch import Tensor
 from .cpp_build import load_cpp
 
 PANEL = 32  # outputs per panel of a packed weight
-MAX_ROWS = 64  # beyond this MKL's blocked sgemm reuses each weight over more rows than we do
+MAX_ROWS = 128  # measured: 1.1x sgemm at 96 rows, even at 128; sgemm blocks larger products better
 
 
 @functools.cache
