@@ -1,11 +1,12 @@
 // y = x @ W^T + b for fp32 on CPU with few rows (a decode step): a weight-streaming GEMM.
 //
-// With 1-64 rows the multiply is bound by reading W, and MKL's packed sgemm does not keep the memory
+// With a few rows the multiply is bound by reading W, and MKL's packed sgemm does not keep the memory
 // busy (about 15 GB/s at 12 rows on the 2-core dev machine, against 25-33 GB/s that a plain read
-// reaches). Here W is packed once into column panels of 32 outputs, each panel K x 32 contiguous, so the
-// whole weight is read as one sequential stream with software prefetch far ahead; a micro-kernel keeps
-// up to 12 rows x 32 outputs of accumulators in AVX-512 registers and reuses each loaded weight vector
-// for every row. A panel (K x 128 bytes) stays in L2 while row chunks beyond the first 12 reuse it.
+// reaches). Here W is packed once into column panels of 32 outputs, each panel K x 32 contiguous, so
+// the whole weight is read as one sequential stream, prefetched ahead into L1 and further ahead into L2;
+// a micro-kernel keeps up to 12 rows x 32 outputs of accumulators in AVX-512 registers and reuses each
+// loaded weight vector for every row. A panel (K x 128 bytes) stays in L2 while row chunks beyond the
+// first 12 reuse it, so larger row counts run at the arithmetic rate.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -24,7 +25,10 @@ namespace {
 
 constexpr int64_t kPanel = 32;        // outputs per panel: two 16-float vectors
 constexpr int64_t kMaxRows = 12;      // rows per micro-kernel call: 24 accumulators + 2 weight registers
-constexpr int64_t kPrefetch = 4096;   // floats ahead in the weight stream (16 KB): measured, 256 too close
+// Software prefetch of the weight stream, in floats ahead: into L1 8 KB ahead and into L2 64 KB ahead.
+// Measured: 7-15% faster at 4-12 rows than one L1 prefetch 16 KB ahead (which was 1.4x no prefetch).
+constexpr int64_t kPrefetchL1 = 2048;
+constexpr int64_t kPrefetchL2 = 16384;
 
 #ifdef MOPE_AVX512
 // acc (rows x 32) = x[rows, :] @ panel; stores (Accumulate: adds) `cols` (<= 32) outputs per row, plus
@@ -37,8 +41,10 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
     const float* w = panel + k * kPanel;
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1 + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2 + 16), _MM_HINT_T1);
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
 #pragma GCC unroll 12
     for (int r = 0; r < Rows; ++r) {

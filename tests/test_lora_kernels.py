@@ -96,7 +96,7 @@ needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_
 
 
 @needs_packed
-@pytest.mark.parametrize("num_rows", [1, 12, 37, 128])
+@pytest.mark.parametrize("num_rows", [1, 12, 37, 256])
 @pytest.mark.parametrize("sort_rows", [False, True])
 def test_packed_lora_linear_matches_dense_per_row(num_rows, sort_rows):
     """Rows unsorted (runs of one row) and sorted (runs longer than the 12-row micro-kernel), -1 rows,
@@ -137,7 +137,7 @@ def test_packed_lora_linear_refuses_bad_inputs():
     with pytest.raises(ValueError, match="bias"):
         packed_lora(x, weight, bias[:-1], lora_a, lora_b, index, scaling)
     with pytest.raises(ValueError, match="rows"):
-        packed_lora(torch.randn(129, 80), weight, bias, lora_a, lora_b, torch.zeros(129, dtype=torch.int64),
+        packed_lora(torch.randn(257, 80), weight, bias, lora_a, lora_b, torch.zeros(257, dtype=torch.int64),
                     scaling)
 
 

@@ -11,7 +11,7 @@ needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_
 
 
 @needs_packed
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 31, 128])
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 31, 256])
 @pytest.mark.parametrize("out_features,in_features", [(70, 80), (32, 7), (2304, 768), (5, 300)])
 def test_matches_f_linear(rows, out_features, in_features):
     """Row counts around the 12-row micro-kernel, outputs off and on the 32-output panels, with and
@@ -38,7 +38,7 @@ def test_non_contiguous_rows_and_no_rows():
 
 @needs_packed
 @pytest.mark.parametrize("case,message", [
-    (dict(x=torch.randn(129, 24)), "rows"),
+    (dict(x=torch.randn(257, 24)), "rows"),
     (dict(x=torch.randn(4, 24).double()), "x"),
     (dict(x=torch.randn(4, 23)), "packed"),
     (dict(out_features=70), "packed"),
@@ -56,14 +56,14 @@ def test_bad_inputs_raise_value_error(case, message):
 
 @pytest.mark.parametrize("ours", [True, False])
 def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch):
-    """Both packed paths (ours, and MKL's where our kernel does not run), then F.linear past 128 rows or
+    """Both packed paths (ours, and MKL's where our kernel does not run), then F.linear past 256 rows or
     with autograd; an in-place update of the weight must not leave a stale packed copy."""
     if ours and not packed_linear.available():
         pytest.skip("packed_linear needs an AVX-512 CPU")
     monkeypatch.setattr(packed_linear, "available", lambda: ours)
     monkeypatch.setattr(linear, "_packed", type(linear._packed)())
     layer = linear.Linear(48, 40, bias=True)
-    for rows in (1, 7, 32, 128, 200):
+    for rows in (1, 7, 32, 256, 300):
         x = torch.randn(rows, 48)
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
