@@ -4,7 +4,7 @@
     python bench/stacked_experts.py --smoke    # tiny shapes, one repeat (tests/test_bench_smoke_stacked.py)
 
 One decoder layer's seven projections for K experts with B rows each, at decode: `separate` is what the
-engine does (per expert, `engine/linear.py: fast_linear`, MKL's prepacked GEMM on CPU fp32), `separate-sgemm`
+engine does (per expert, `engine/linear.py: fast_linear`, a packed GEMM on CPU fp32), `separate-sgemm`
 plain `F.linear`, `stacked-bmm` one `torch.bmm` per projection over the K experts' stacked weights (weights
 stored pre-transposed, as a stacked engine would keep them). Timed interleaved, medians, with the floor:
 the layer's K weight sets read once at this machine's read bandwidth.
