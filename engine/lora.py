@@ -227,11 +227,11 @@ class StepRows:
 class LoRALinear(nn.Module):
     """A base projection of a LoRAGroup: the base output of every row plus its own adapter's delta.
 
-    On CPU, for decode-size steps, the adapters' A factors are folded into the base weight and one call
-    of `packed_linear.packed_lora_linear` does the base GEMM, every shrink and each row's own expand:
-    the step reads the base and each factor once (bench/README.md, LoRA experts). The base weight
-    becomes a view into the folded one, so nothing is stored twice. Otherwise (CUDA, prefill, the
-    "torch"/"triton" backends) it is the base layer plus `add_lora`.
+    On CPU, for steps of up to 256 rows (decode, short prefills), the adapters' A factors are folded into
+    the base weight and one call of `packed_linear.packed_lora_linear` does the base GEMM, every shrink
+    and each row's own expand: the step reads the base and each factor once (bench/README.md, LoRA
+    experts). The base weight becomes a view into the folded one, so nothing is stored twice. Otherwise
+    (CUDA, larger prefills, the "torch"/"triton" backends) it is the base layer plus `add_lora`.
     """
 
     @torch.inference_mode(False)  # inference tensors could never take the packed path

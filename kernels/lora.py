@@ -7,8 +7,8 @@ linear layer calls `add_lora(out, x, A, B, rows)` right after its base matmul, f
 expert at once; `rows = LoRARows.from_index(adapter_index, L)` is built once per step and shared by all
 projections. Backends: "torch" (the reference: one matmul pair per adapter over its gathered rows) and
 "triton" (kernels/lora_triton.py, SGMV-style tiles); "auto": triton on CUDA, else torch. On CPU the
-engine's decode steps take `packed_linear.packed_lora_linear` instead, which folds the shrinks into the
-base layer's GEMM (engine/lora.py).
+engine's steps of up to 256 rows take `packed_linear.packed_lora_linear` instead, which folds the
+shrinks into the base layer's GEMM (engine/lora.py).
 """
 
 from __future__ import annotations
