@@ -327,7 +327,8 @@ class LoRAGroup(nn.Module):
                              f"got {len(mix)}")
         for (layer, fused), lora in self.stacks.items():
             coefficients = torch.tensor(mix, dtype=lora.b.dtype, device=lora.b.device)[:, None, None]
-            projection(model, layer, fused).weight += ((lora.b * coefficients) @ lora.a).sum(0)
+            linear = projection(model, layer, fused)  # this group's own base: its LoRALinear's base layer
+            getattr(linear, "base_layer", linear).weight += ((lora.b * coefficients) @ lora.a).sum(0)
 
     def remove(self) -> None:
         """Detach the adapters: the base model computes the plain base again."""

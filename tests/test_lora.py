@@ -162,6 +162,20 @@ def test_merge_into_equals_merged_checkpoints(checkpoints):
         group.merge_into(model, [1.0])
 
 
+@torch.no_grad()
+def test_merge_into_the_groups_own_base(checkpoints):
+    """The base of a group holds LoRALinear wrappers; merging into it reaches their base layers, and
+    remove() hands back plain layers carrying the merged weights."""
+    base_dir, adapter_dirs, merged_dirs = checkpoints
+    group = LoRAGroup(load_model(base_dir), adapter_dirs)
+    group.merge_into(group.base, [1.0, 0.0])
+    group.remove()
+    assert not any(isinstance(m, LoRALinear) for m in group.base.modules())
+    expected = checkpoint_targets(load_model(merged_dirs[0]))
+    for name, weight in checkpoint_targets(group.base).items():
+        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_scaling_folds_alpha_and_rslora_and_adapter_dirs_are_recognised(checkpoints):
     base_dir, adapter_dirs, _ = checkpoints
     assert is_adapter_dir(adapter_dirs[0]) and not is_adapter_dir(base_dir)
