@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lora_triton import LoRATiles, add_lora_triton, lora_tiles
+from .validate import describe
 
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,7 +42,7 @@ class LoRARows:
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         if not isinstance(adapter_index, Tensor) or adapter_index.dim() != 1:
-            raise ValueError(f"adapter_index must be a (N,) tensor, got {_describe(adapter_index)}")
+            raise ValueError(f"adapter_index must be a (N,) tensor, got {describe(adapter_index)}")
         dtype = adapter_index.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
@@ -111,15 +112,15 @@ def check_lora_args(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows
                     scaling: Tensor | None) -> Tensor:
     """Shapes, dtypes, devices and last-dim contiguity; returns scaling as (L,) fp32 (ones for None)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in DTYPES:
-        raise ValueError(f"x must be a (N, H) float32/bfloat16/float16 tensor, got {_describe(x)}")
+        raise ValueError(f"x must be a (N, H) float32/bfloat16/float16 tensor, got {describe(x)}")
     num_rows, hidden = x.shape
     if not isinstance(lora_a, Tensor) or lora_a.dim() != 3 or lora_a.shape[2] != hidden:
-        raise ValueError(f"lora_a must be (L, R, H={hidden}), got {_describe(lora_a)}")
+        raise ValueError(f"lora_a must be (L, R, H={hidden}), got {describe(lora_a)}")
     num_adapters, rank, _ = lora_a.shape
     if not isinstance(lora_b, Tensor) or lora_b.dim() != 3 or lora_b.shape[::2] != (num_adapters, rank):
-        raise ValueError(f"lora_b must be (L={num_adapters}, OUT, R={rank}), got {_describe(lora_b)}")
+        raise ValueError(f"lora_b must be (L={num_adapters}, OUT, R={rank}), got {describe(lora_b)}")
     if not isinstance(out, Tensor) or out.shape != (num_rows, lora_b.shape[1]):
-        raise ValueError(f"out must be (N={num_rows}, OUT={lora_b.shape[1]}), got {_describe(out)}")
+        raise ValueError(f"out must be (N={num_rows}, OUT={lora_b.shape[1]}), got {describe(out)}")
     for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b), ("out", out)):
         if tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(
@@ -136,9 +137,6 @@ def check_lora_args(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, rows
         return torch.ones(num_adapters, dtype=torch.float32, device=x.device)
     if not isinstance(scaling, Tensor) or scaling.shape != (num_adapters,) or scaling.device != x.device:
         raise ValueError(f"scaling must be a ({num_adapters},) tensor on {x.device}, "
-                         f"got {_describe(scaling)}")
+                         f"got {describe(scaling)}")
     return scaling.to(torch.float32).contiguous()
 
-
-def _describe(x) -> str:
-    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__

@@ -1,10 +1,10 @@
-"""fp32 linear for few rows on CPU: a weight-streaming GEMM over a weight packed once (csrc/packed_linear.cpp)
+"""fp32 linear for few rows on CPU: a weight-streaming GEMM over a packed weight (csrc/packed_linear.cpp).
 
 A decode step multiplies a handful of rows by every weight, so its speed is the speed of reading the
 weights. `pack_weight(w)` lays W out as 32-output panels read in one sequential, prefetched stream;
 `packed_linear(x, packed, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
 `packed_lora_linear` the same layer plus each row's own LoRA adapter (the engine's CPU path for adapter
-experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/kernels.py`).
+experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/linear.py`).
 The torch reference is `F.linear`. `available()` is False without a C++ compiler or without AVX-512;
 callers then use F.linear (or MKL's packed GEMM).
 """
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .cpp_build import load_cpp
+from .validate import describe
 
 PANEL = 32  # outputs per panel of a packed weight
 MAX_ROWS = 256  # measured 1.2x sgemm at 128-256 rows, 0.9x at 512 (its blocking wins larger products)
@@ -72,7 +73,7 @@ def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tenso
     """
     _require_available()
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
-        raise ValueError(f"adapter_index must be ({x.shape[0]},), got {_describe(adapter_index)}")
+        raise ValueError(f"adapter_index must be ({x.shape[0]},), got {describe(adapter_index)}")
     packed, k_ranges = expand
     both = load_cpp("packed_linear").packed_lora_linear(
         _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(), packed,
@@ -83,7 +84,7 @@ def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tenso
 def _checked_rows(x: Tensor) -> Tensor:
     """x as the kernels take it; packed weights and biases are checked in C++ (a ValueError naming them)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype != torch.float32 or not x.is_cpu:
-        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {_describe(x)}")
+        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {describe(x)}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; packed_linear serves at most {MAX_ROWS} (use F.linear)")
     return x.contiguous()
@@ -93,6 +94,3 @@ def _require_available() -> None:
     if not available():
         raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and an AVX-512 CPU; use F.linear")
 
-
-def _describe(x) -> str:
-    return f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .validate import describe
+
 BACKENDS = ("auto", "torch", "cpu", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,7 +72,7 @@ def check_paged_attention_args(
 ) -> None:
     """Shapes, dtypes and devices (the values of context_lens and block_tables: `check_context`)."""
     if not isinstance(q, Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be a (B, Hq, D) tensor, got {_describe(q)}")
+        raise ValueError(f"q must be a (B, Hq, D) tensor, got {describe(q)}")
     if q.dtype not in DTYPES:
         raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
     batch, num_heads, head_dim = q.shape
@@ -78,14 +80,14 @@ def check_paged_attention_args(
         raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
     if not isinstance(k_cache, Tensor) or k_cache.dim() != 4 or k_cache.shape[-1] != head_dim:
         raise ValueError(
-            f"k_cache must be (num_blocks, block_size, Hkv, D={head_dim}), got {_describe(k_cache)}"
+            f"k_cache must be (num_blocks, block_size, Hkv, D={head_dim}), got {describe(k_cache)}"
         )
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"q's {num_heads} heads must be a multiple of k_cache's {num_kv_heads} kv heads")
     if not isinstance(v_cache, Tensor) or v_cache.shape != k_cache.shape:
         raise ValueError(
-            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {_describe(v_cache)}"
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {describe(v_cache)}"
         )
     inner = (num_kv_heads * head_dim, head_dim, 1)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -96,9 +98,9 @@ def check_paged_attention_args(
                 f"{name} must be contiguous within a block (strides [1:] {inner}), got {cache.stride()}"
             )
     if not isinstance(block_tables, Tensor) or block_tables.dim() != 2 or block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must be (B={batch}, max_blocks), got {_describe(block_tables)}")
+        raise ValueError(f"block_tables must be (B={batch}, max_blocks), got {describe(block_tables)}")
     if not isinstance(context_lens, Tensor) or context_lens.shape != (batch,):
-        raise ValueError(f"context_lens must be ({batch},), got {_describe(context_lens)}")
+        raise ValueError(f"context_lens must be ({batch},), got {describe(context_lens)}")
     for name, tensor in (("block_tables", block_tables), ("context_lens", context_lens)):
         if tensor.dtype != torch.int32 or tensor.device != q.device:
             raise ValueError(f"{name} must be int32 on {q.device}, got {tensor.dtype} on {tensor.device}")
@@ -133,6 +135,3 @@ def _cpp_module():
 
     return load_cpp("paged_attention")
 
-
-def _describe(x) -> str:
-    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__

@@ -38,7 +38,7 @@ def check_mode(mode: str) -> str:
 def check_logits_and_weights(logits: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Shapes (K, B, V) and (B, K), dtypes, devices, weights on the simplex; returns contiguous weights."""
     if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must be a (K, B, V) tensor, got {_describe(logits)}")
+        raise ValueError(f"logits must be a (K, B, V) tensor, got {describe(logits)}")
     if logits.dtype not in LOGIT_DTYPES:
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     num_experts, batch, vocab = logits.shape
@@ -47,7 +47,7 @@ def check_logits_and_weights(logits: Tensor, weights: Tensor) -> tuple[Tensor, T
     if logits.stride(-1) != 1:
         raise ValueError(f"logits must be contiguous in its last dim, got strides {logits.stride()}")
     if not isinstance(weights, Tensor) or weights.shape != (batch, num_experts):
-        raise ValueError(f"weights must have shape (B, K) = {(batch, num_experts)}, got {_describe(weights)}")
+        raise ValueError(f"weights must have shape (B, K) = {(batch, num_experts)}, got {describe(weights)}")
     if weights.dtype != torch.float32:
         raise ValueError(f"weights must be float32, got {weights.dtype}")
     if weights.device != logits.device:
@@ -67,7 +67,7 @@ def per_row(value, batch: int, device: torch.device, name: str, *, integer: bool
     """Broadcast a Python number or a (B,) tensor to a (B,) int64 (integer) or fp32 tensor on `device`."""
     if isinstance(value, Tensor):
         if value.shape not in ((batch,), ()):
-            raise ValueError(f"{name} must be a number or a ({batch},) tensor, got {_describe(value)}")
+            raise ValueError(f"{name} must be a number or a ({batch},) tensor, got {describe(value)}")
         if integer and not _is_integer(value.dtype):
             raise ValueError(f"{name} must have an integer dtype, got {value.dtype}")
         if not integer and value.dtype == torch.bool:
@@ -116,7 +116,7 @@ def validate_mix_sample_args(logits: Tensor, weights: Tensor, *, temperature, to
 
 def check_tokens(tokens: Tensor, batch: int, vocab: int, device: torch.device) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.shape != (batch,):
-        raise ValueError(f"tokens must be a ({batch},) tensor, got {_describe(tokens)}")
+        raise ValueError(f"tokens must be a ({batch},) tensor, got {describe(tokens)}")
     if not _is_integer(tokens.dtype):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
     if tokens.device != device:
@@ -161,5 +161,6 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else repr(type(x).__name__)
+def describe(x) -> str:
+    """What an argument is, for error messages: shape, dtype and device of a tensor, else its type."""
+    return f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, Tensor) else type(x).__name__
