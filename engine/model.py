@@ -7,7 +7,7 @@ into their row shards at load time (`PACKED_MODULES`, used by the loader).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from mope.kernels.decoder_ops import rms_norm, rotary, silu_mul
 from torch import Tensor, nn
 
 from .attention import attention
@@ -46,22 +46,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """norm(x); with `residual`: (norm(x + residual), x + residual), the pre-norm block's fused step."""
-        if residual is None:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x = x + residual
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin of position * inv_freq, (N, 1, D/2) in `dtype` (fp32 angles, as transformers)."""
     angles = positions[:, None].float() * inv_freq
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half rope on (N, H, D): the two halves of the head dim are the (real, imaginary) parts."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -93,7 +84,7 @@ class Attention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q, k, cos, sin)
         return self.o_proj(attention(q, k, v, ctx, kv_cache, self.scale).flatten(1))
 
 
@@ -105,8 +96,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

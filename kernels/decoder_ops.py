@@ -1,0 +1,82 @@
+"""The small ops of a decoder layer between its GEMMs: RMSNorm (with the residual add), rotary embedding,
+and the SiLU-gated product of the MLP.
+
+Backends: "torch" (the reference, and the path with autograd) and "cpu" (csrc/decoder_ops.cpp, fp32: one
+pass per op over its rows, new output tensors). In a decode step the torch versions are ~30 dispatches
+per layer, each finding its few rows evicted by the GEMM before it (bench/README.md, "decoder ops").
+"auto": cpu for fp32 CPU tensors when autograd is off or nothing requires a gradient, torch otherwise
+(also when the C++ build failed: load_cpp has warned once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cpp_build import load_cpp
+
+BACKENDS = ("auto", "torch", "cpu")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, *,
+             backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm of x's last dim times `weight`; with `residual`: (norm(x + residual), x + residual), the
+    pre-norm block's fused step."""
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    module = _cpp_module(backend, x, weight, residual)
+    if module is not None:
+        rows = x.reshape(-1, x.shape[-1])  # a view for the engine's (N, hidden) rows
+        residual_rows = None if residual is None else residual.reshape(rows.shape)
+        out, total = module.rms_norm(rows, weight, eps, residual_rows)
+
+        out = out.view(x.shape)
+        return out if residual is None else (out, total.view(x.shape))
+    if residual is None:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x = x + residual
+    return F.rms_norm(x, weight.shape, weight, eps), x
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Rotate-half rope of q (N, Hq, D) and k (N, Hk, D) by cos, sin (N, 1, D/2): the two halves of the
+    head dim are the (real, imaginary) parts. Returns new tensors."""
+    module = _cpp_module(backend, q, k, cos, sin)
+    if module is not None:
+        q_out, k_out = module.rotary(q, k, cos.flatten(1), sin.flatten(1))
+        return q_out, k_out
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_mul(gate_up: Tensor, *, backend: str = "auto") -> Tensor:
+    """(N, 2I) [gate | up] -> (N, I) silu(gate) * up."""
+    module = _cpp_module(backend, gate_up)
+    if module is not None:
+        return module.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _cpp_module(backend: str, *tensors: Tensor | None):
+    """The C++ module when `backend` ("auto" or "cpu") applies to these tensors, else None (torch)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return None
+    given = [t for t in tensors if t is not None]
+    fits = all(t.is_cpu and t.dtype == torch.float32 for t in given)
+    if backend == "cpu" and not fits:
+        raise ValueError("backend='cpu' needs float32 CPU tensors, got "
+                         + ", ".join(f"{t.dtype} on {t.device}" for t in given))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in given)
+    if backend == "cpu" and needs_grad:
+        raise ValueError("backend='cpu' has no backward: use 'torch' or 'auto' for tensors needing gradients")
+    if not fits or needs_grad:
+        return None
+    return load_cpp("decoder_ops")
