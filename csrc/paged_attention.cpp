@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -193,7 +195,44 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// k_cache[slot // block_size, slot % block_size] = k[n] for each new token n, same for v: one copy of
+// each (token, kv head) row. k, v (N, Hkv, D) and the caches contiguous in their last dim.
+void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+              const torch::Tensor& slot_mapping) {
+  TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == torch::kInt64 &&
+                        slot_mapping.is_contiguous(),
+                    "slot_mapping must be a contiguous (N,) int64 tensor, got ", slot_mapping.sizes(), " ",
+                    slot_mapping.scalar_type());
+  const int64_t rows = slot_mapping.size(0);
+  for (const auto& [t, cache, name] : {std::tuple{&k, &k_cache, "k"}, std::tuple{&v, &v_cache, "v"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 3 && cache->dim() == 4 && t->size(0) == rows && t->size(1) == cache->size(2) &&
+                          t->size(2) == cache->size(3) && t->scalar_type() == cache->scalar_type() &&
+                          t->stride(2) == 1 && cache->stride(3) == 1,
+                      name, " must be (N=", rows, ", Hkv, D) with its cache's (blocks, block_size, Hkv, D), dtype and a ",
+                      "contiguous last dim, got ", t->sizes(), " ", t->scalar_type(), " and cache ", cache->sizes(), " ",
+                      cache->scalar_type());
+  }
+  const int64_t block_size = k_cache.size(1), capacity = k_cache.size(0) * block_size;
+  const int64_t heads = k.size(1), row_bytes = k.size(2) * k.element_size();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t n = 0; n < rows; ++n)
+    TORCH_CHECK_VALUE(slots[n] >= 0 && slots[n] < capacity, "slot_mapping[", n, "] = ", slots[n],
+                      " is outside the cache's [0, ", capacity, ") slots");
+  for (const auto& [t, cache] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+    const auto* src = static_cast<const char*>(t->data_ptr());
+    auto* dst = static_cast<char*>(cache->data_ptr());
+    const int64_t size = t->element_size();
+    for (int64_t n = 0; n < rows; ++n) {
+      const int64_t block = slots[n] / block_size, offset = slots[n] % block_size;
+      for (int64_t h = 0; h < heads; ++h)
+        std::memcpy(dst + (block * cache->stride(0) + offset * cache->stride(1) + h * cache->stride(2)) * size,
+                    src + (n * t->stride(0) + h * t->stride(1)) * size, row_bytes);
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("store_kv", &store_kv, "k_cache, v_cache [slot] = k, v (paged cache write)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention (q, k_cache, v_cache, block_tables, context_lens, scale) -> out");
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mope.kernels.paged_attention import paged_decode_attention
+from mope.kernels.paged_attention import paged_decode_attention, store_kv
 from torch import Tensor
 
 from .context import AttentionContext
@@ -32,14 +32,6 @@ def attention(
     return paged_decode_attention(
         q, kv_cache[0], kv_cache[1], ctx.block_tables, ctx.context_lens, scale=scale
     )
-
-
-def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """k_cache[slot // block_size, slot % block_size] = k (any block stride), same for v."""
-    block_size = k_cache.shape[1]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, offsets] = k
-    v_cache[blocks, offsets] = v
 
 
 def prefill_attention(

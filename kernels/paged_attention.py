@@ -112,6 +112,32 @@ def check_paged_attention_args(
         raise ValueError(f"scale must be a positive number, got {scale!r}")
 
 
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
+             backend: str = "auto") -> None:
+    """k_cache[slot // block_size, slot % block_size] = k, same for v: the new tokens' K/V (N, Hkv, D)
+    into the paged cache at `slot_mapping` (N,) int64; the caches' block dim may have any stride.
+
+    Backends: "torch" (indexing) and "cpu" (csrc/paged_attention.cpp: one call that copies the rows;
+    the indexing is ~10 ops per layer). "auto": cpu on CPU unless k or v needs a gradient.
+    """
+    if backend not in ("auto", "torch", "cpu"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cpu', got {backend!r}")
+    on_cpu = k.is_cpu and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+    if backend == "cpu" and not on_cpu:
+        raise ValueError("backend='cpu' needs CPU tensors without gradients")
+    module = _cpp_module() if backend != "torch" and on_cpu else None
+    if module is not None:  # checks shapes, dtypes and every slot itself
+        module.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    block_size, capacity = k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1]
+    checked = k.is_cpu and len(slot_mapping)  # on CUDA the check would cost a device sync per layer
+    if checked and not 0 <= int(slot_mapping.min()) <= int(slot_mapping.max()) < capacity:
+        raise ValueError(f"slot_mapping holds slots outside the cache's [0, {capacity}): {slot_mapping}")
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, offsets] = k
+    v_cache[blocks, offsets] = v
+
+
 def check_context(k_cache: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
     """context_lens in [1, max_blocks * block_size] and the block ids each sequence reads in range."""
     if not len(context_lens):

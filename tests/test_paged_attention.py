@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from mope.kernels.paged_attention import paged_decode_attention
+from mope.kernels.paged_attention import paged_decode_attention, store_kv
 
 BACKENDS = ["torch", "cpu", "triton"]
 TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -157,3 +157,32 @@ def test_cpu_task_splits(threads, shape):
     torch.testing.assert_close(
         out.double(), dense_attention(args[0], keys, values, 0.3), atol=2e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_each_token_at_its_slot(backend, dtype):
+    """K/V of new tokens (v a strided view of a projection output, as the model hands it over) land in
+    the interleaved pool at their slots, nothing else changes."""
+    g = torch.Generator().manual_seed(3)
+    num_blocks, block_size, heads, dim = 5, 4, 2, 8
+    pool = torch.randn(num_blocks, 2, block_size, heads, dim, generator=g).to(dtype)
+    expected = pool.clone()
+    slots = torch.tensor([17, 0, 3, 9, 19], dtype=torch.int64)
+    k = torch.randn(len(slots), heads, dim, generator=g).to(dtype)
+    v = torch.randn(len(slots), 3 * heads, dim, generator=g).to(dtype)[:, heads : 2 * heads]
+    for n, slot in enumerate(slots.tolist()):
+        expected[slot // block_size, 0, slot % block_size] = k[n]
+        expected[slot // block_size, 1, slot % block_size] = v[n]
+    store_kv(k, v, pool[:, 0], pool[:, 1], slots, backend=backend)
+    assert torch.equal(pool, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("slot", [-1, 20])
+def test_store_kv_rejects_slots_outside_the_cache(backend, slot):
+    pool = torch.zeros(5, 2, 4, 2, 8)
+    k = torch.ones(2, 2, 8)
+    with pytest.raises(ValueError, match="outside the cache"):
+        store_kv(k, k, pool[:, 0], pool[:, 1], torch.tensor([0, slot]), backend=backend)
+    assert not pool.any()
