@@ -50,9 +50,22 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     start = params(single)
     single.update(rollout, torch.cat([r["rewards"] for r in ranks]))
     expected = params(single)
+    # AdamW divides by sqrt(v) + 1e-8: where a gradient is ~1e-9 (a token seen once, far from the loss) the
+    # ranks' all-reduced sum and the single batch's sum, equal up to rounding, give visibly different steps.
+    # Those entries are compared loosely, and must be rare among the ones with a gradient (unseen tokens' rows
+    # have none and are compared strictly).
+    state = single.optimizer.state
+    second_moment = {name: state[p]["exp_avg_sq"] for name, p in single.pcm.named_parameters() if p in state}
     for r in ranks:
         for name, value in expected.items():
-            torch.testing.assert_close(r["params"][name], value, atol=2e-6, rtol=1e-5, msg=name)
+            moment = second_moment.get(name)
+            if moment is None:
+                moment = torch.ones_like(value)
+            noisy = (moment > 0) & (moment.sqrt() < 1e-7)
+            assert noisy.sum() < 0.01 * (moment > 0).sum(), name
+            got = r["params"][name]
+            torch.testing.assert_close(got[~noisy], value[~noisy], atol=2e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(got[noisy], value[noisy], atol=1e-4, rtol=0, msg=name)
     assert any(not torch.equal(start[n], expected[n]) for n in expected)
     (row,) = read_metrics(tmp_path / "ddp" / "metrics.jsonl")  # rank 0 wrote the reduced metrics
     assert row["step"] == 1 and row["response_tokens"] > 0
