@@ -1,7 +1,10 @@
-"""Shared test helpers: random tiny Hugging Face checkpoints with a locally trained tokenizer."""
+"""Shared test helpers: random tiny Hugging Face checkpoints with a locally trained tokenizer, and smoke runs
+of the benchmark scripts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from transformers import (
     Qwen3Config,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 QWEN_UNK_TOKEN = "<|endoftext|>"
@@ -114,3 +118,11 @@ def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
                 param.normal_(std=0.2)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def run_bench_smoke(script: str, *args: str, timeout: int = 300) -> list[str]:
+    """Run `bench/<script> --smoke *args` from the repository root; asserts it exits 0; its stdout lines."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()

@@ -1,6 +1,5 @@
 """bench/decoder_ops.py --smoke runs end to end, and its two providers compute the same forward."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,8 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decoder_ops import with_backend  # noqa: E402
 from bench.rollout import DecodeStep  # noqa: E402
 from bench.shapes import SHAPES, make_random_checkpoint  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decoder_ops.py"
+from tests.helpers import run_bench_smoke  # noqa: E402
 
 
 def test_providers_compute_the_same_forward(tmp_path):
@@ -29,10 +27,7 @@ def test_providers_compute_the_same_forward(tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_smoke_run_prints_both_providers():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_smoke_run_prints_both_providers(tmp_path):
+    lines = run_bench_smoke("decoder_ops.py", "--cache-dir", str(tmp_path))
     assert "torch ms" in lines[1] and "cpu ms" in lines[1]
     assert lines[3].startswith("| 2 |") and "x |" in lines[3]

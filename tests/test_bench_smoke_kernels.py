@@ -1,17 +1,10 @@
 """bench/kernels.py --smoke runs end to end, so the benchmark cannot rot."""
 
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+from tests.helpers import run_bench_smoke
 
 
 def test_kernels_benchmark_smoke_run_prints_every_provider():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_bench_smoke("kernels.py")
     assert "read bandwidth" in lines[0]
     assert "torch-naive" in lines[1] and "cpu" in lines[1]
     rows = [line.split() for line in lines[2:]]

@@ -1,6 +1,5 @@
 """bench/linear.py --smoke runs end to end, and its providers compute x @ wᵀ."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,8 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.linear import providers  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "linear.py"
+from tests.helpers import run_bench_smoke  # noqa: E402
 
 
 def test_providers_agree_with_a_plain_matmul():
@@ -23,9 +21,6 @@ def test_providers_agree_with_a_plain_matmul():
 
 
 def test_smoke_run_prints_every_provider():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_bench_smoke("linear.py")
     assert "read bandwidth" in lines[0] and "sgemm" in lines[1] and "floor" in lines[1]
     assert lines[2].split()[0] == "2" and lines[2].endswith("x")

@@ -1,6 +1,5 @@
 """The HF-loop baseline against transformers, and a smoke run of bench/rollout.py (tiny shape)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +10,8 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.hf_loop import LoopPCM, hf_rollout, top_p_filter  # noqa: E402
 from bench.shapes import SHAPES, make_random_checkpoint  # noqa: E402
+from tests.helpers import run_bench_smoke  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40, 41], [1, 3]]
 
 
@@ -95,9 +94,7 @@ def test_eos_stops_a_row_and_bad_inputs_are_refused(experts):
 
 def test_rollout_benchmark_smoke(tmp_path):
     """bench/rollout.py --smoke runs both tables end to end (tiny shape) and prints a row for each."""
-    command = [sys.executable, str(ROOT / "bench" / "rollout.py"), "--smoke", "--cache-dir", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 |")]
-    assert len(rows) == 2, result.stdout
+    lines = run_bench_smoke("rollout.py", "--cache-dir", str(tmp_path))
+    rows = [line for line in lines if line.startswith("| 2 |")]
+    assert len(rows) == 2, lines
     assert all("nan" not in row and "inf" not in row for row in rows)

@@ -1,6 +1,5 @@
 """bench/stacked_experts.py --smoke runs end to end, and its providers compute the same projections."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,8 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.stacked_experts import providers  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "stacked_experts.py"
+from tests.helpers import run_bench_smoke  # noqa: E402
 
 
 def test_providers_agree_with_a_plain_matmul():
@@ -27,9 +25,6 @@ def test_providers_agree_with_a_plain_matmul():
 
 
 def test_smoke_run_prints_every_provider():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_bench_smoke("stacked_experts.py")
     assert "floor" in lines[0] and "stacked-bmm" in lines[1]
     assert lines[2].split()[0] == "2" and lines[2].endswith("x")

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,9 +9,8 @@ from mope.cli import build_parser, main
 from mope.evaluate import UNIFORM_METHOD, koala_prompts
 from mope.metrics import read_metrics
 from mope.preferences import load_registry
+from tests.helpers import run_bench_smoke
 from tests.mope_setup import make_config, make_training_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,5 @@ def test_registry_file_drives_expert_masks(setup):
 
 
 def test_bench_train_smoke(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--smoke",
-                             "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "| ours |" in result.stdout and "| naive |" in result.stdout
+    output = "\n".join(run_bench_smoke("train.py", "--cache-dir", str(tmp_path)))
+    assert "| ours |" in output and "| naive |" in output
