@@ -27,12 +27,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     module = _cpp_module(backend, x, weight, residual)
     if module is not None:
-        rows = x.reshape(-1, x.shape[-1])  # a view for the engine's (N, hidden) rows
+        if x.dim() == 2:  # the engine's (N, hidden) rows
+            out, total = module.rms_norm(x, weight, eps, residual)
+            return out if residual is None else (out, total)
+        rows = x.reshape(-1, x.shape[-1])  # e.g. Qwen3's q/k norm over (N, H, D)
         residual_rows = None if residual is None else residual.reshape(rows.shape)
         out, total = module.rms_norm(rows, weight, eps, residual_rows)
-
-        out = out.view(x.shape)
-        return out if residual is None else (out, total.view(x.shape))
+        return out.view(x.shape) if residual is None else (out.view(x.shape), total.view(x.shape))
     if residual is None:
         return F.rms_norm(x, weight.shape, weight, eps)
     x = x + residual
