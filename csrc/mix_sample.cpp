@@ -78,20 +78,37 @@ HOT_LOOP float block_max(const float* x, int64_t n, int* bad) {
   return m;
 }
 
-// sum of exp((x - shift) * scale); also stores the terms when out != nullptr
-HOT_LOOP float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out) {
-  float s = 0.0f;
-  if (out == nullptr) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += exp_nonpositive((x[i] - shift) * scale);
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = exp_nonpositive((x[i] - shift) * scale);
-      s += out[i];
+// sum of exp((x - shift) * scale); also stores the terms when out != nullptr. With `ahead`, prefetches its
+// first `ahead_bytes` (the next block's logits) one line per 16 values, so that block's read from memory
+// overlaps these exps instead of stalling the next block_max.
+template <bool kStore>
+__attribute__((always_inline)) inline float sum_exp_impl(const float* x, int64_t n, float shift, float scale,
+                                                        float* out, const char* ahead, int64_t ahead_bytes) {
+  constexpr int64_t kLanes = 16;
+  float lanes[kLanes] = {};
+  const int64_t full = n - n % kLanes;
+  for (int64_t c = 0; c < full; c += kLanes) {
+    if (c * 4 < ahead_bytes) __builtin_prefetch(ahead + c * 4);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive((x[c + l] - shift) * scale);
+      if (kStore) out[c + l] = e;
+      lanes[l] += e;
     }
   }
+  float s = 0.0f;
+  for (int64_t i = full; i < n; ++i) {
+    const float e = exp_nonpositive((x[i] - shift) * scale);
+    if (kStore) out[i] = e;
+    s += e;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
+}
+
+HOT_LOOP float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out,
+                             const char* ahead = nullptr, int64_t ahead_bytes = 0) {
+  return out == nullptr ? sum_exp_impl<false>(x, n, shift, scale, out, ahead, ahead_bytes)
+                        : sum_exp_impl<true>(x, n, shift, scale, out, ahead, ahead_bytes);
 }
 
 // q (+)= coef * e
@@ -185,7 +202,9 @@ ExpertStats expert_pass(const scalar_t* z, int64_t vocab, float inv_t, bool want
       if (exps != nullptr) std::fill(exps + start, exps + start + len, 0.0f);
       continue;
     }
-    sum_t += block_sum_exp(x, len, stats.max, inv_t, exps == nullptr ? nullptr : exps + start);
+    const int64_t next = std::min(kBlock, vocab - start - len);  // values in the next block
+    sum_t += block_sum_exp(x, len, stats.max, inv_t, exps == nullptr ? nullptr : exps + start,
+                           reinterpret_cast<const char*>(z + start + len), next * int64_t(sizeof(scalar_t)));
     if (want_plain) sum_1 += block_sum_exp(x, len, stats.max, 1.0f, nullptr);
   }
   stats.bad = bad || stats.max == -kInf || std::isnan(stats.max);
