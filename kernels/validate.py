@@ -5,6 +5,8 @@ once (one max-reduction pass, no temporary of size V). Backends that find bad lo
 one does, for free, in its max pass) skip it and call `raise_bad_logits`.
 """
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -52,19 +54,26 @@ def check_logits_and_weights(logits: Tensor, weights: Tensor) -> tuple[Tensor, T
         raise ValueError(f"weights must be float32, got {weights.dtype}")
     if weights.device != logits.device:
         raise ValueError(f"weights must be on the logits' device {logits.device}, got {weights.device}")
-    w = weights.detach()
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("weights must be finite and >= 0")
-    error = (w.sum(dim=1) - 1).abs()
-    if batch and float(error.max()) > WEIGHT_SUM_TOLERANCE:
-        row = int(error.argmax())
-        total = float(w[row].sum())
-        raise ValueError(f"weights rows must sum to 1 ± {WEIGHT_SUM_TOLERANCE}, row {row} sums to {total}")
+    if batch:
+        w = weights.detach()
+        error = (w.sum(dim=1) - 1).abs()
+        # one read back: the min is NaN if any weight is, the error inf if any weight is inf
+        low, worst = torch.stack([w.amin(), error.amax()]).tolist()
+        if not (low >= 0 and math.isfinite(worst)):
+            raise ValueError("weights must be finite and >= 0")
+        if worst > WEIGHT_SUM_TOLERANCE:
+            row = int(error.argmax())
+            raise ValueError(f"weights rows must sum to 1 ± {WEIGHT_SUM_TOLERANCE}, row {row} sums to "
+                             f"{float(w[row].sum())}")
     return logits, weights.contiguous()
 
 
-def per_row(value, batch: int, device: torch.device, name: str, *, integer: bool) -> Tensor:
-    """Broadcast a Python number or a (B,) tensor to a (B,) int64 (integer) or fp32 tensor on `device`."""
+def per_row(value, batch: int, device: torch.device, name: str, *, integer: bool,
+            valid: tuple[Callable, Callable, str] | None = None) -> Tensor:
+    """Broadcast a Python number or a (B,) tensor to a (B,) int64 (integer) or fp32 tensor on `device`.
+
+    valid: (check of a number, elementwise check of a tensor, the requirement's words): a value that fails
+    raises ValueError naming `name`. A number is checked in Python, a tensor with one reduction."""
     if isinstance(value, Tensor):
         if value.shape not in ((batch,), ()):
             raise ValueError(f"{name} must be a number or a ({batch},) tensor, got {describe(value)}")
@@ -73,22 +82,32 @@ def per_row(value, batch: int, device: torch.device, name: str, *, integer: bool
         if not integer and value.dtype == torch.bool:
             raise ValueError(f"{name} must be a real number, got {value.dtype}")
         out = value.detach().to(device=device, dtype=torch.int64 if integer else torch.float32)
-        return out.expand(batch).contiguous()
+        out = out.expand(batch).contiguous()
+        if valid is not None and batch:
+            bad = ~valid[1](out)
+            if bool(bad.any()):
+                raise ValueError(f"{name} must be {valid[2]}, got {_first_bad(out, bad)}")
+        return out
     allowed = int if integer else int | float
     if isinstance(value, bool) or not isinstance(value, allowed):
         kind = "an int" if integer else "a number"
         raise ValueError(f"{name} must be {kind} or a ({batch},) tensor, got {value!r}")
     if integer and not _INT64_MIN <= value <= _INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {value}")
+    if valid is not None and not valid[0](value):
+        raise ValueError(f"{name} must be {valid[2]}, got {value}")
     return torch.full((batch,), value, dtype=torch.int64 if integer else torch.float32, device=device)
 
 
+# (check of a number, check of a tensor, requirement) for per_row
+VALID_TEMPERATURE = (lambda t: math.isfinite(t) and t >= 0, lambda t: torch.isfinite(t) & (t >= 0),
+                     "finite and >= 0")
+VALID_TOP_P = (lambda p: 0 < p <= 1, lambda p: (p > 0) & (p <= 1), "in (0, 1]")
+VALID_TOP_K = (lambda k: k >= 0, lambda k: k >= 0, ">= 0 (0 = off)")
+
+
 def check_temperature(temperature, batch: int, device: torch.device) -> Tensor:
-    t = per_row(temperature, batch, device, "temperature", integer=False)
-    bad = ~torch.isfinite(t) | (t < 0)
-    if bool(bad.any()):
-        raise ValueError(f"temperature must be finite and >= 0, got {_first_bad(t, bad)}")
-    return t
+    return per_row(temperature, batch, device, "temperature", integer=False, valid=VALID_TEMPERATURE)
 
 
 def validate_mix_sample_args(logits: Tensor, weights: Tensor, *, temperature, top_p, top_k, seed, offset,
@@ -99,14 +118,8 @@ def validate_mix_sample_args(logits: Tensor, weights: Tensor, *, temperature, to
     logits, weights = check_logits_and_weights(logits, weights)
     batch, device = logits.shape[1], logits.device
     temperature = check_temperature(temperature, batch, device)
-    top_p = per_row(top_p, batch, device, "top_p", integer=False)
-    bad = ~((top_p > 0) & (top_p <= 1))
-    if bool(bad.any()):
-        raise ValueError(f"top_p must be in (0, 1], got {_first_bad(top_p, bad)}")
-    top_k = per_row(top_k, batch, device, "top_k", integer=True)
-    bad = top_k < 0
-    if bool(bad.any()):
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {_first_bad(top_k, bad)}")
+    top_p = per_row(top_p, batch, device, "top_p", integer=False, valid=VALID_TOP_P)
+    top_k = per_row(top_k, batch, device, "top_k", integer=True, valid=VALID_TOP_K)
     seed = per_row(seed, batch, device, "seed", integer=True)
     offset = per_row(offset, batch, device, "offset", integer=True)
     if check_logits:
