@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -105,10 +106,47 @@ __attribute__((always_inline)) inline float sum_exp_impl(const float* x, int64_t
   return s;
 }
 
-HOT_LOOP float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out,
-                             const char* ahead = nullptr, int64_t ahead_bytes = 0) {
+#ifdef MOPE_X86
+template <bool kStore>
+__attribute__((target("avx512f"))) float sum_exp_avx512(const float* x, int64_t n, float shift, float scale,
+                                                          float* out, const char* ahead, int64_t ahead_bytes) {
+  const __m512 vshift = _mm512_set1_ps(shift), vscale = _mm512_set1_ps(scale);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    if (c * 4 < ahead_bytes) _mm_prefetch(ahead + c * 4, _MM_HINT_T0);
+    const __m512 e = exp_nonpositive16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), vshift), vscale));
+    if (kStore) _mm512_storeu_ps(out + c, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (c < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 z = _mm512_maskz_loadu_ps(tail, x + c);
+    const __m512 e = exp_nonpositive16(_mm512_mul_ps(_mm512_sub_ps(z, vshift), vscale));
+    if (kStore) _mm512_mask_storeu_ps(out + c, tail, e);
+    acc = _mm512_mask_add_ps(acc, tail, acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// MOPE_DISABLE_AVX512=1 in the environment takes the portable path (tests compare the two)
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && std::getenv("MOPE_DISABLE_AVX512") == nullptr;
+#endif
+
+HOT_LOOP float sum_exp_portable(const float* x, int64_t n, float shift, float scale, float* out,
+                                const char* ahead, int64_t ahead_bytes) {
   return out == nullptr ? sum_exp_impl<false>(x, n, shift, scale, out, ahead, ahead_bytes)
                         : sum_exp_impl<true>(x, n, shift, scale, out, ahead, ahead_bytes);
+}
+
+float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out,
+                    const char* ahead = nullptr, int64_t ahead_bytes = 0) {
+#ifdef MOPE_X86
+  if (kHasAvx512)
+    return out == nullptr ? sum_exp_avx512<false>(x, n, shift, scale, out, ahead, ahead_bytes)
+                          : sum_exp_avx512<true>(x, n, shift, scale, out, ahead, ahead_bytes);
+#endif
+  return sum_exp_portable(x, n, shift, scale, out, ahead, ahead_bytes);
 }
 
 // q (+)= coef * e

@@ -7,7 +7,11 @@ instead of 20,000 draws.
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from mope.kernels.mix_reference import mix_sample_reference
 from mope.kernels.philox import philox_uniform
 from mope.kernels.validate import validate_mix_sample_args
 
+ROOT = Path(__file__).resolve().parents[1]
 mix_sample_module = importlib.import_module("mope.kernels.mix_sample")
 HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
 BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
@@ -119,6 +124,23 @@ def exact_truncated_mixture(logits: torch.Tensor, weights: torch.Tensor, tempera
 
 
 STAT_CONFIGS = [(0.8, 0.9, 7), (1.3, 1.0, 0)]  # (temperature, top_p, top_k): both truncations bind; none
+
+
+def test_cpu_portable_exp_path_matches_reference():
+    """The C++ kernel's exps run in AVX-512 where the CPU has it; MOPE_DISABLE_AVX512=1 takes the portable
+    (compiler-vectorised) path, which must give the same answers. A fresh process: the choice is made at
+    load time."""
+    script = (
+        "from tests.test_mix_sample import *\n"
+        "for mode in ('prob', 'logit'):\n"
+        "    for seed, dtype in ((1, torch.float32), (2, torch.bfloat16)):\n"
+        "        case = random_case(3, 9, 1003, dtype, seed)\n"
+        "        assert_matches_reference(run(case, 'cpu', mode), reference(case, mode), dtype)\n"
+    )
+    env = {**os.environ, "MOPE_DISABLE_AVX512": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["prob", "logit"])
