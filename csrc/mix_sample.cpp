@@ -545,15 +545,18 @@ float logit_mixture(const scalar_t* row, const RowInput& in, RowScratch& s) {
 }
 
 // Prob mode: q = sum_k w_k softmax(z_k / T), from the stored exps rescaled per block.
+// Block by block, every expert's term in turn: the block of q stays in L1 across the K updates.
 void prob_mixture(const RowInput& in, float inv_t, RowScratch& s) {
   const int64_t blocks = (in.vocab + kBlock - 1) / kBlock;
-  for (size_t a = 0; a < s.active.size(); ++a) {
-    const double log_w = std::log(double(in.weights[s.active[a]])) - s.stats[a].log_sum_tempered;
-    for (int64_t j = 0; j < blocks; ++j) {
-      const int64_t start = j * kBlock, len = std::min(kBlock, in.vocab - start);
+  s.terms.resize(s.active.size());
+  for (size_t a = 0; a < s.active.size(); ++a)
+    s.terms[a] = std::log(double(in.weights[s.active[a]])) - s.stats[a].log_sum_tempered;
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t start = j * kBlock, len = std::min(kBlock, in.vocab - start);
+    for (size_t a = 0; a < s.active.size(); ++a) {
       const double shift = double(s.block_max[a * blocks + j] - s.stats[a].max) * inv_t;
-      block_axpy(s.q.data() + start, s.exps.data() + a * in.vocab + start, len, float(std::exp(log_w + shift)),
-                 a == 0);
+      block_axpy(s.q.data() + start, s.exps.data() + a * in.vocab + start, len,
+                 float(std::exp(s.terms[a] + shift)), a == 0);
     }
   }
 }
