@@ -322,7 +322,8 @@ HOT_LOOP double weight_at_least(const float* q, int64_t n, float x, bool by_mass
   return by_mass ? weight_at_least_impl<true>(q, n, x) : weight_at_least_impl<false>(q, n, x);
 }
 
-// W(x1) and W(x2) in one pass over q (two add chains each), as exact as weight_at_least.
+// W(x1) and W(x2) in one pass over q (two add chains each), as exact as weight_at_least. Written out like
+// it rather than shared through a template over the number of thresholds: that measured 5-25% slower.
 template <bool kByMass>
 __attribute__((always_inline)) inline std::pair<double, double> weights_at_least_impl(const float* q, int64_t n,
                                                                                      float x1, float x2) {
