@@ -7,7 +7,8 @@
 //                stored exps per block; logit mode sums w_k (z_k - lse_k) and exponentiates once
 //   top-k/top-p  thresholds searched on the float bits of q (positive floats order like their bits):
 //                vectorised passes that interpolate where the weight crosses the target and probe both
-//                sides of the guess, then an exact radix select over the few values left;
+//                sides of the guess (the last also collects the few values between its probes), then an
+//                exact radix select over those values;
 //                counts for top-k, mass for top-p; ties at a threshold are kept
 //   draw         inverse CDF in vocabulary order over {q >= threshold}, u from the same Philox
 //                stream as kernels/philox.py (tl.rand), so the backends draw the same token
@@ -79,17 +80,26 @@ HOT_LOOP float block_max(const float* x, int64_t n, int* bad) {
   return m;
 }
 
-// sum of exp((x - shift) * scale); also stores the terms when out != nullptr. With `ahead`, prefetches its
-// first `ahead_bytes` (the next block's logits) one line per 16 values, so that block's read from memory
-// overlaps these exps instead of stalling the next block_max.
+// Logits to prefetch while a block's exps are computed, one line per 16 values: the next block into L1, so
+// its read from memory overlaps these exps instead of stalling the next block_max, and a block further on
+// into L2 (more reads in flight than L1's fill buffers allow: 5% faster from memory at B = 64).
+struct Ahead {
+  const char* next = nullptr;
+  int64_t next_bytes = 0;
+  const char* far = nullptr;
+  int64_t far_bytes = 0;
+};
+
+// sum of exp((x - shift) * scale); also stores the terms when out != nullptr
 template <bool kStore>
 __attribute__((always_inline)) inline float sum_exp_impl(const float* x, int64_t n, float shift, float scale,
-                                                        float* out, const char* ahead, int64_t ahead_bytes) {
+                                                        float* out, const Ahead& ahead) {
   constexpr int64_t kLanes = 16;
   float lanes[kLanes] = {};
   const int64_t full = n - n % kLanes;
   for (int64_t c = 0; c < full; c += kLanes) {
-    if (c * 4 < ahead_bytes) __builtin_prefetch(ahead + c * 4);
+    if (c * 4 < ahead.next_bytes) __builtin_prefetch(ahead.next + c * 4, 0, 3);
+    if (c * 4 < ahead.far_bytes) __builtin_prefetch(ahead.far + c * 4, 0, 2);
     for (int64_t l = 0; l < kLanes; ++l) {
       const float e = exp_nonpositive((x[c + l] - shift) * scale);
       if (kStore) out[c + l] = e;
@@ -109,20 +119,26 @@ __attribute__((always_inline)) inline float sum_exp_impl(const float* x, int64_t
 #ifdef MOPE_X86
 template <bool kStore>
 __attribute__((target("avx512f"))) float sum_exp_avx512(const float* x, int64_t n, float shift, float scale,
-                                                          float* out, const char* ahead, int64_t ahead_bytes) {
-  const __m512 vshift = _mm512_set1_ps(shift), vscale = _mm512_set1_ps(scale);
+                                                          float* out, const Ahead& ahead) {
+  // exp((x - shift) scale) = 2^(x a - b), a = scale log2 e, b = shift a in two floats (b_hi + b_lo), so
+  // that t is as exact as x - shift: one fma and a subtraction instead of the range reduction's four ops
+  const float a = scale * kLog2e;
+  const double b = double(shift) * double(a);
+  const __m512 va = _mm512_set1_ps(a), b_hi = _mm512_set1_ps(float(b)),
+               b_lo = _mm512_set1_ps(float(b - double(float(b))));
   __m512 acc = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    if (c * 4 < ahead_bytes) _mm_prefetch(ahead + c * 4, _MM_HINT_T0);
-    const __m512 e = exp_nonpositive16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), vshift), vscale));
+    if (c * 4 < ahead.next_bytes) _mm_prefetch(ahead.next + c * 4, _MM_HINT_T0);
+    if (c * 4 < ahead.far_bytes) _mm_prefetch(ahead.far + c * 4, _MM_HINT_T1);
+    const __m512 e = exp2_nonpositive16(_mm512_sub_ps(_mm512_fmsub_ps(_mm512_loadu_ps(x + c), va, b_hi), b_lo));
     if (kStore) _mm512_storeu_ps(out + c, e);
     acc = _mm512_add_ps(acc, e);
   }
   if (c < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1);
     const __m512 z = _mm512_maskz_loadu_ps(tail, x + c);
-    const __m512 e = exp_nonpositive16(_mm512_mul_ps(_mm512_sub_ps(z, vshift), vscale));
+    const __m512 e = exp2_nonpositive16(_mm512_sub_ps(_mm512_fmsub_ps(z, va, b_hi), b_lo));
     if (kStore) _mm512_mask_storeu_ps(out + c, tail, e);
     acc = _mm512_mask_add_ps(acc, tail, acc, e);
   }
@@ -134,19 +150,19 @@ const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && std::getenv("MOPE_D
 #endif
 
 HOT_LOOP float sum_exp_portable(const float* x, int64_t n, float shift, float scale, float* out,
-                                const char* ahead, int64_t ahead_bytes) {
-  return out == nullptr ? sum_exp_impl<false>(x, n, shift, scale, out, ahead, ahead_bytes)
-                        : sum_exp_impl<true>(x, n, shift, scale, out, ahead, ahead_bytes);
+                                const Ahead& ahead) {
+  return out == nullptr ? sum_exp_impl<false>(x, n, shift, scale, out, ahead)
+                        : sum_exp_impl<true>(x, n, shift, scale, out, ahead);
 }
 
 float block_sum_exp(const float* x, int64_t n, float shift, float scale, float* out,
-                    const char* ahead = nullptr, int64_t ahead_bytes = 0) {
+                    const Ahead& ahead = {}) {
 #ifdef MOPE_X86
   if (kHasAvx512)
-    return out == nullptr ? sum_exp_avx512<false>(x, n, shift, scale, out, ahead, ahead_bytes)
-                          : sum_exp_avx512<true>(x, n, shift, scale, out, ahead, ahead_bytes);
+    return out == nullptr ? sum_exp_avx512<false>(x, n, shift, scale, out, ahead)
+                          : sum_exp_avx512<true>(x, n, shift, scale, out, ahead);
 #endif
-  return sum_exp_portable(x, n, shift, scale, out, ahead, ahead_bytes);
+  return sum_exp_portable(x, n, shift, scale, out, ahead);
 }
 
 // q (+)= coef * e
@@ -252,9 +268,11 @@ ExpertStats expert_pass(const scalar_t* z, int64_t vocab, float inv_t, bool want
       if (exps != nullptr) std::fill(exps + start, exps + start + len, 0.0f);
       continue;
     }
-    const int64_t next = std::min(kBlock, vocab - start - len);  // values in the next block
-    sum_t += block_sum_exp(x, len, stats.max, inv_t, exps == nullptr ? nullptr : exps + start,
-                           reinterpret_cast<const char*>(z + start + len), next * int64_t(sizeof(scalar_t)));
+    const auto values_from = [&](int64_t from) { return std::clamp<int64_t>(vocab - from, 0, kBlock); };
+    const int64_t next = start + kBlock, far = start + 3 * kBlock;
+    const Ahead ahead{reinterpret_cast<const char*>(z + next), values_from(next) * int64_t(sizeof(scalar_t)),
+                      reinterpret_cast<const char*>(z + far), values_from(far) * int64_t(sizeof(scalar_t))};
+    sum_t += block_sum_exp(x, len, stats.max, inv_t, exps == nullptr ? nullptr : exps + start, ahead);
     if (want_plain) sum_1 += block_sum_exp(x, len, stats.max, 1.0f, nullptr);
   }
   stats.bad = bad || stats.max == -kInf || std::isnan(stats.max);
@@ -357,9 +375,11 @@ HOT_LOOP std::pair<double, double> weights_at_least(const float* q, int64_t n, f
   return by_mass ? weights_at_least_impl<true>(q, n, x1, x2) : weights_at_least_impl<false>(q, n, x1, x2);
 }
 
-// Appends the values whose bits are in [lo, hi), scanning only the 32-value chunks that hold one
-HOT_LOOP void collect_bits_in(const float* q, int64_t n, uint32_t lo, uint32_t hi, std::vector<float>& out) {
+// Writes the values whose bits are in [lo, hi) to out, scanning only the 32-value chunks that hold one;
+// returns their number.
+HOT_LOOP int64_t collect_bits_in(const float* q, int64_t n, uint32_t lo, uint32_t hi, float* out) {
   constexpr int64_t kChunk = 32;
+  int64_t count = 0;
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t len = std::min(kChunk, n - start);
     int any = 0;
@@ -367,8 +387,72 @@ HOT_LOOP void collect_bits_in(const float* q, int64_t n, uint32_t lo, uint32_t h
     for (int64_t i = 0; i < len; ++i) any |= (float_bits(q[start + i]) - lo) < (hi - lo);
     if (!any) continue;
     for (int64_t i = start; i < start + len; ++i)
-      if (float_bits(q[i]) - lo < hi - lo) out.push_back(q[i]);
+      if (float_bits(q[i]) - lo < hi - lo) out[count++] = q[i];
   }
+  return count;
+}
+
+// A probing pass of the threshold search that also collects the values in [x1, x2), the candidates when
+// the threshold lies there: W(x1), W(x2), and the number of values collected (-1: not collected).
+struct Probe {
+  double w1, w2;
+  int64_t count;
+};
+
+#ifdef MOPE_X86
+// weights_at_least's two-threshold pass with the same sums in the same order, plus the values in [x1, x2)
+// written to out by compress stores
+template <bool kByMass>
+__attribute__((target("avx512f,popcnt"))) Probe probe_avx512(const float* q, int64_t n, float x1, float x2,
+                                                             float* out) {
+  const __m512 at1 = _mm512_set1_ps(x1), at2 = _mm512_set1_ps(x2), one = _mm512_set1_ps(1.0f);
+  __m512d lanes1[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, lanes2[2] = {lanes1[0], lanes1[0]};
+  int64_t count = 0;
+  const int64_t full = n - n % kDrawBlock;
+  for (int64_t start = 0; start < full; start += kDrawBlock) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int64_t i = start; i < start + kDrawBlock; i += 32) {
+      const __m512 u = _mm512_loadu_ps(q + i), v = _mm512_loadu_ps(q + i + 16);
+      const __mmask16 u1 = _mm512_cmp_ps_mask(u, at1, _CMP_GE_OQ), v1 = _mm512_cmp_ps_mask(v, at1, _CMP_GE_OQ);
+      const __mmask16 u2 = _mm512_cmp_ps_mask(u, at2, _CMP_GE_OQ), v2 = _mm512_cmp_ps_mask(v, at2, _CMP_GE_OQ);
+      a0 = _mm512_mask_add_ps(a0, u1, a0, kByMass ? u : one);
+      a1 = _mm512_mask_add_ps(a1, v1, a1, kByMass ? v : one);
+      b0 = _mm512_mask_add_ps(b0, u2, b0, kByMass ? u : one);
+      b1 = _mm512_mask_add_ps(b1, v2, b1, kByMass ? v : one);
+      const __mmask16 u_in = u1 & ~u2, v_in = v1 & ~v2;
+      if (u_in | v_in) {  // rare: the probes are close
+        _mm512_mask_compressstoreu_ps(out + count, u_in, u);
+        count += __builtin_popcount(u_in);
+        _mm512_mask_compressstoreu_ps(out + count, v_in, v);
+        count += __builtin_popcount(v_in);
+      }
+    }
+    const __m512 s1 = _mm512_add_ps(a0, a1), s2 = _mm512_add_ps(b0, b1);
+    lanes1[0] = _mm512_add_pd(lanes1[0], _mm512_cvtps_pd(_mm512_castps512_ps256(s1)));
+    lanes1[1] = _mm512_add_pd(lanes1[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s1), 1))));
+    lanes2[0] = _mm512_add_pd(lanes2[0], _mm512_cvtps_pd(_mm512_castps512_ps256(s2)));
+    lanes2[1] = _mm512_add_pd(lanes2[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s2), 1))));
+  }
+  double w1 = full < n ? chunk_weight_at_least(q + full, n - full, x1, kByMass) : 0.0;
+  double w2 = full < n ? chunk_weight_at_least(q + full, n - full, x2, kByMass) : 0.0;
+  alignas(64) double sums1[16], sums2[16];
+  _mm512_store_pd(sums1, lanes1[0]), _mm512_store_pd(sums1 + 8, lanes1[1]);
+  _mm512_store_pd(sums2, lanes2[0]), _mm512_store_pd(sums2 + 8, lanes2[1]);
+  for (int l = 0; l < 16; ++l) w1 += sums1[l], w2 += sums2[l];
+  for (int64_t i = full; i < n; ++i)
+    if (q[i] >= x1 && !(q[i] >= x2)) out[count++] = q[i];
+  return {w1, w2, count};
+}
+#endif
+
+// W(x1), W(x2) and, when W(x1) >= target > W(x2) (or always, with AVX-512), the values in [x1, x2)
+Probe probe_collecting(const float* q, int64_t n, float x1, float x2, bool by_mass, double target, float* out) {
+#ifdef MOPE_X86
+  if (kHasAvx512) return by_mass ? probe_avx512<true>(q, n, x1, x2, out) : probe_avx512<false>(q, n, x1, x2, out);
+#endif
+  const auto [w1, w2] = weights_at_least(q, n, x1, x2, by_mass);
+  const bool closed = w1 >= target && target > w2;
+  return {w1, w2, closed ? collect_bits_in(q, n, float_bits(x1), float_bits(x2), out) : -1};
 }
 
 // Walks bins from the highest: the first bin where the weight above it plus its own reaches `target`
@@ -386,15 +470,38 @@ std::pair<uint32_t, double> pick_bin(const double* hist, int bins, double above,
   return {uint32_t(lowest), above_lowest};
 }
 
+// The threshold from the values with bits in [lo, hi) (all of them, W(hi) = above): radix select on the
+// bits, at most 1024 bins a level, keeping the chosen bin's values for the next level.
+float resolve_threshold(float* values, int64_t count, uint32_t lo, uint32_t hi, double above, double target,
+                        bool by_mass) {
+  double hist[1024];
+  while (hi > lo && hi - lo > 1) {
+    const int shift = std::max(0, 32 - __builtin_clz(hi - lo - 1) - 10);
+    const int bins = int((hi - lo - 1) >> shift) + 1;
+    std::fill(hist, hist + bins, 0.0);
+    for (int64_t i = 0; i < count; ++i) hist[(float_bits(values[i]) - lo) >> shift] += by_mass ? values[i] : 1.0;
+    uint32_t bin;
+    std::tie(bin, above) = pick_bin(hist, bins, above, target);
+    lo += bin << shift;
+    hi = uint32_t(std::min<uint64_t>(hi, uint64_t(lo) + (uint64_t(1) << shift)));
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i)
+      if (float_bits(values[i]) - lo < hi - lo) values[kept++] = values[i];
+    count = kept;
+  }
+  return bits_float(lo);
+}
+
 // The threshold among {q >= lower}, for W(lower) = total. Vectorised passes over q bracket it within 2^16
-// bit patterns (1/128 of a binade: few values); the values there are collected and resolved exactly by a
-// two-level radix select (7 + 9 bits). The bracket, not the search path, decides the result, so any
+// bit patterns (1/128 of a binade: few values), the last of them also collecting the values there, and
+// resolve_threshold settles it exactly. The bracket, not the search path, decides the result, so any
 // sequence of probes gives the same threshold. Measured at V = 32000, B = 64: plain bisection took 12
 // passes, the guided search below ~6 (logits ~ N(0, 2^2), top_p 0.9 or 0.5) and ~11 where the guesses
 // miss (N(0, 8^2), top_p 0.3); the whole kernel 1.2-1.4x faster in both cases.
 float select_threshold(const float* q, int64_t vocab, float q_max, float lower, bool by_mass, double target,
                        double total, std::vector<float>& candidates) {
   constexpr int kLowBits = 16;
+  candidates.resize(vocab);
   uint32_t lo = float_bits(lower), hi = float_bits(q_max) + 1;
   if (by_mass) {  // W(x) >= total - V x, so x = (total - target) / V still has W(x) >= target
     const float floor_value = float((total - target) / double(vocab) * (1.0 - 1e-6));
@@ -404,8 +511,10 @@ float select_threshold(const float* q, int64_t vocab, float q_max, float lower, 
   // linearly over the bits between lo and hi (W(lo) estimated by `total` until measured), and measures W
   // on both sides of the guess: a good guess closes the bracket to the two probes. A pass that does not
   // (the guess was off) is followed by a bisection step, so the bracket at least halves every two passes.
+  // Probes 2^16 apart also collect the values between them, for when they close the bracket.
   double above = 0.0, below = total;  // W(hi), W(lo) (an upper bound until measured)
   bool guess = true;
+  int64_t count = -1;  // the values in [lo, hi), once collected
   while (hi > lo && hi - lo > (1u << kLowBits)) {
     const uint32_t width = hi - lo;
     if (!guess) {
@@ -424,29 +533,24 @@ float select_threshold(const float* q, int64_t vocab, float q_max, float lower, 
     const uint32_t reach = std::max(uint32_t(1u << (kLowBits - 1)), width / 16);
     const uint32_t x1 = center > lo + reach ? center - reach : lo + 1;
     const uint32_t x2 = std::max(x1 + 1, hi - center > reach ? center + reach : hi - 1);
-    const auto [w1, w2] = weights_at_least(q, vocab, bits_float(x1), bits_float(x2), by_mass);
-    if (w2 >= target) {
-      lo = x2, below = w2;
-    } else if (w1 >= target) {
-      lo = x1, below = w1, hi = x2, above = w2;
+    Probe p{0.0, 0.0, -1};
+    if (x2 - x1 <= (1u << kLowBits)) {
+      p = probe_collecting(q, vocab, bits_float(x1), bits_float(x2), by_mass, target, candidates.data());
     } else {
-      hi = x1, above = w1;
+      std::tie(p.w1, p.w2) = weights_at_least(q, vocab, bits_float(x1), bits_float(x2), by_mass);
     }
-    guess = w1 >= target && target > w2;  // closed on the guess: keep guessing inside
+    if (p.w2 >= target) {
+      lo = x2, below = p.w2;
+    } else if (p.w1 >= target) {
+      lo = x1, below = p.w1, hi = x2, above = p.w2;
+      count = p.count;
+    } else {
+      hi = x1, above = p.w1;
+    }
+    guess = p.w1 >= target && target > p.w2;  // closed on the guess: keep guessing inside
   }
-  candidates.clear();
-  collect_bits_in(q, vocab, lo, hi, candidates);
-  double hist[1 << 10];
-  std::fill(hist, hist + 1024, 0.0);
-  for (const float x : candidates) hist[(float_bits(x) - lo) >> 9] += by_mass ? x : 1.0;
-  uint32_t bin;
-  std::tie(bin, above) = pick_bin(hist, 1024, above, target);
-  const uint32_t prefix = lo + (bin << 9);
-  std::fill(hist, hist + 512, 0.0);
-  for (const float x : candidates)
-    if (float_bits(x) - prefix < 512u) hist[float_bits(x) - prefix] += by_mass ? x : 1.0;
-  std::tie(bin, above) = pick_bin(hist, 512, above, target);
-  return bits_float(prefix + bin);
+  if (count < 0) count = collect_bits_in(q, vocab, lo, hi, candidates.data());
+  return resolve_threshold(candidates.data(), count, lo, hi, above, target, by_mass);
 }
 
 // First v, in vocabulary order, whose running sum over {q >= threshold} exceeds u * (their total);
@@ -494,6 +598,13 @@ struct RowScratch {
   std::vector<ExpertStats> stats;
   std::vector<int64_t> active;
 };
+
+// One per thread, kept across calls: a fresh one would map and zero its pages on every call (large
+// vectors come from mmap).
+RowScratch& thread_scratch() {
+  thread_local RowScratch scratch;
+  return scratch;
+}
 
 struct RowInput {
   int64_t num_experts, vocab, stride_k;
@@ -699,7 +810,7 @@ std::vector<at::Tensor> mix_sample(const at::Tensor& logits, const at::Tensor& w
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mix_sample", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      RowScratch scratch;
+      RowScratch& scratch = thread_scratch();
       for (int64_t b = begin; b < end; ++b) {
         const RowInput in{num_experts, vocab, logits.stride(0), w + b * num_experts, t[b], logit_mode};
         sample_row(base + b * logits.stride(1), in, p[b], k[b], philox_uniform(seeds[b], offsets[b]), b, out,
@@ -723,7 +834,7 @@ std::vector<at::Tensor> mix_logprobs(const at::Tensor& logits, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "mix_logprobs", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      RowScratch scratch;
+      RowScratch& scratch = thread_scratch();
       for (int64_t b = begin; b < end; ++b) {
         const RowInput in{num_experts, vocab, logits.stride(0), w + b * num_experts, t[b], logit_mode};
         logprob_row(base + b * logits.stride(1), in, tok[b], b, logprobs.data_ptr<float>(),

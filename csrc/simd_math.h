@@ -36,20 +36,17 @@ inline float exp_nonpositive(float x) {
 #include <immintrin.h>
 #define MOPE_X86 1
 
-// exp_nonpositive on 16 lanes (same reduction and polynomial), with AVX-512's roundscale for n and scalef
-// for 2^n: fewer instructions than the compiler's vectorisation of the scalar form (measured: the mix
-// kernel 1.24x faster). Call only where __builtin_cpu_supports("avx512f").
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 low = _mm512_set1_ps(kExpMin);
-  const __m512 clamped = _mm512_max_ps(low, x);  // a NaN in x stays (max returns its second operand)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
-  const __m512 poly = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  const __mmask16 below = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(_mm512_scalef_ps(poly, n), below, _mm512_setzero_ps());
+// 2^t on 16 lanes for t <= 0 (exp(x) = 2^(x log2 e): callers fold log2 e into their scale): 2^t = 2^n 2^f,
+// n = round(t), f = t - n (exact) in [-1/2, 1/2], 2^f by a degree-6 polynomial (~1 ulp), 2^n by scalef.
+// Exactly 0 for t = -inf (and below -149); a NaN stays NaN. Call only where __builtin_cpu_supports("avx512f").
+constexpr float kExp2Poly[7] = {1.5345811e-4f, 1.3399931e-3f, 9.6184891e-3f, 5.5503286e-2f,
+                                0.24022646f, 0.69314718f, 1.0f};
+__attribute__((target("avx512f"))) inline __m512 exp2_nonpositive16(__m512 t) {
+  const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);  // a NaN in t stays
+  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(clamped, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
+  return _mm512_scalef_ps(p, n);
 }
 #endif

@@ -126,16 +126,40 @@ def exact_truncated_mixture(logits: torch.Tensor, weights: torch.Tensor, tempera
 STAT_CONFIGS = [(0.8, 0.9, 7), (1.3, 1.0, 0)]  # (temperature, top_p, top_k): both truncations bind; none
 
 
+def threshold_search_case() -> dict:
+    """Rows whose truncation takes each path of the C++ threshold search: a guess that closes the bracket
+    (its pass collects the candidates), guesses that miss (bisection, then a collecting pass), a row whose
+    whole vocabulary is left in the last bracket, large and tiny top_k, both truncations. That row's logits
+    take 8 levels 1e-3 apart: its many near-equal probabilities are exact ties (equal logits), not
+    orderings that one ulp of rounding could flip against the reference."""
+    g = torch.Generator().manual_seed(11)
+    scales = torch.tensor([2.0, 8.0, 0.0, 1.0, 2.0, 8.0])
+    rows = len(scales)
+    logits = torch.randn(3, rows, 4001, generator=g) * scales[None, :, None]
+    logits[:, 2] = torch.randint(0, 8, (3, 4001), generator=g) * 1e-3
+    return dict(logits=logits, weights=torch.softmax(torch.randn(rows, 3, generator=g), dim=-1),
+                temperature=torch.ones(rows), top_p=torch.tensor([0.9, 0.3, 0.5, 1.0, 0.95, 1.0]),
+                top_k=torch.tensor([0, 0, 0, 1000, 500, 3]), seed=torch.arange(rows),
+                offset=torch.zeros(rows, dtype=torch.long))
+
+
+def test_cpu_threshold_search_paths_match_reference():
+    case = threshold_search_case()
+    for mode in ("prob", "logit"):
+        assert_matches_reference(run(case, "cpu", mode), reference(case, mode), torch.float32)
+
+
 def test_cpu_portable_exp_path_matches_reference():
-    """The C++ kernel's exps run in AVX-512 where the CPU has it; MOPE_DISABLE_AVX512=1 takes the portable
-    (compiler-vectorised) path, which must give the same answers. A fresh process: the choice is made at
-    load time."""
+    """The C++ kernel's exps and threshold probes run in AVX-512 where the CPU has it; MOPE_DISABLE_AVX512=1
+    takes the portable (compiler-vectorised) paths, which must give the same answers. A fresh process: the
+    choice is made at load time."""
     script = (
         "from tests.test_mix_sample import *\n"
         "for mode in ('prob', 'logit'):\n"
         "    for seed, dtype in ((1, torch.float32), (2, torch.bfloat16)):\n"
         "        case = random_case(3, 9, 1003, dtype, seed)\n"
         "        assert_matches_reference(run(case, 'cpu', mode), reference(case, mode), dtype)\n"
+        "test_cpu_threshold_search_paths_match_reference()\n"
     )
     env = {**os.environ, "MOPE_DISABLE_AVX512": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
