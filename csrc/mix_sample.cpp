@@ -300,19 +300,9 @@ inline float chunk_weight_at_least(const float* q, int64_t n, float x, bool by_m
   return s;
 }
 
-// The mass of {q >= x} per block of kDrawBlock values into block_masses; returns their sum
-HOT_LOOP double block_masses_at_least(const float* q, int64_t n, float x, double* block_masses) {
-  double total = 0.0;
-  for (int64_t start = 0, j = 0; start < n; start += kDrawBlock, ++j) {
-    block_masses[j] = chunk_weight_at_least(q + start, std::min(kDrawBlock, n - start), x, true);
-    total += block_masses[j];
-  }
-  return total;
-}
-
 // W(x) over all n values, for the threshold search: four 16-lane float partial sums per kDrawBlock chunk
 // (four independent add chains, not one), added lane-wise into 16 double sums; one horizontal sum at the
-// end. Each lane sums 4 values per chunk in float, so this is as exact as block_masses_at_least.
+// end. Each lane sums 4 values per chunk in float, so this is as exact as chunk_weight_at_least.
 template <bool kByMass>
 __attribute__((always_inline)) inline double weight_at_least_impl(const float* q, int64_t n, float x) {
   constexpr int64_t kLanes = 16;
@@ -470,10 +460,16 @@ std::pair<uint32_t, double> pick_bin(const double* hist, int bins, double above,
   return {uint32_t(lowest), above_lowest};
 }
 
+// A truncation threshold t and W(t), the weight of {q >= t} (the draw's total, for a mass threshold)
+struct Threshold {
+  float value;
+  double weight;
+};
+
 // The threshold from the values with bits in [lo, hi) (all of them, W(hi) = above): radix select on the
 // bits, at most 1024 bins a level, keeping the chosen bin's values for the next level.
-float resolve_threshold(float* values, int64_t count, uint32_t lo, uint32_t hi, double above, double target,
-                        bool by_mass) {
+Threshold resolve_threshold(float* values, int64_t count, uint32_t lo, uint32_t hi, double above, double target,
+                            bool by_mass) {
   double hist[1024];
   while (hi > lo && hi - lo > 1) {
     const int shift = std::max(0, 32 - __builtin_clz(hi - lo - 1) - 10);
@@ -489,7 +485,9 @@ float resolve_threshold(float* values, int64_t count, uint32_t lo, uint32_t hi, 
       if (float_bits(values[i]) - lo < hi - lo) values[kept++] = values[i];
     count = kept;
   }
-  return bits_float(lo);
+  double at = above;  // + the values equal to the threshold, all that is left
+  for (int64_t i = 0; i < count; ++i) at += by_mass ? values[i] : 1.0;
+  return {bits_float(lo), at};
 }
 
 // The threshold among {q >= lower}, for W(lower) = total. Vectorised passes over q bracket it within 2^16
@@ -498,8 +496,8 @@ float resolve_threshold(float* values, int64_t count, uint32_t lo, uint32_t hi, 
 // sequence of probes gives the same threshold. Measured at V = 32000, B = 64: plain bisection took 12
 // passes, the guided search below ~6 (logits ~ N(0, 2^2), top_p 0.9 or 0.5) and ~11 where the guesses
 // miss (N(0, 8^2), top_p 0.3); the whole kernel 1.2-1.4x faster in both cases.
-float select_threshold(const float* q, int64_t vocab, float q_max, float lower, bool by_mass, double target,
-                       double total, std::vector<float>& candidates) {
+Threshold select_threshold(const float* q, int64_t vocab, float q_max, float lower, bool by_mass, double target,
+                           double total, std::vector<float>& candidates) {
   constexpr int kLowBits = 16;
   candidates.resize(vocab);
   uint32_t lo = float_bits(lower), hi = float_bits(q_max) + 1;
@@ -553,17 +551,19 @@ float select_threshold(const float* q, int64_t vocab, float q_max, float lower, 
   return resolve_threshold(candidates.data(), count, lo, hi, above, target, by_mass);
 }
 
-// First v, in vocabulary order, whose running sum over {q >= threshold} exceeds u * (their total);
-// the last kept token when rounding leaves none.
-int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, std::vector<double>& block_sums) {
-  const int64_t blocks = (vocab + kDrawBlock - 1) / kDrawBlock;
-  block_sums.resize(blocks);
-  const double total = block_masses_at_least(q, vocab, threshold, block_sums.data());
+// First v, in vocabulary order, whose running sum over {q >= threshold} exceeds u * total (total: their
+// sum, known from the search), the blocks' masses summed only up to the one that crosses; the last kept
+// token when rounding leaves none.
+HOT_LOOP int64_t inverse_cdf(const float* q, int64_t vocab, float threshold, float u, double total) {
   const double target = double(u) * total;
   double running = 0.0;
-  int64_t j = 0;
-  while (j < blocks && running + block_sums[j] <= target) running += block_sums[j++];
-  for (int64_t v = j * kDrawBlock; v < vocab; ++v) {
+  int64_t start = 0;
+  for (; start < vocab; start += kDrawBlock) {
+    const double mass = chunk_weight_at_least(q + start, std::min(kDrawBlock, vocab - start), threshold, true);
+    if (running + mass > target) break;
+    running += mass;
+  }
+  for (int64_t v = start; v < vocab; ++v) {
     if (q[v] < threshold) continue;
     running += q[v];
     if (running > target) return v;
@@ -594,7 +594,7 @@ double log_sum_exp(const std::vector<double>& terms) {
 struct RowScratch {
   std::vector<float> buffer = std::vector<float>(kBlock);
   std::vector<float> q, exps, block_max, candidates;
-  std::vector<double> block_sums, terms;
+  std::vector<double> terms;
   std::vector<ExpertStats> stats;
   std::vector<int64_t> active;
 };
@@ -722,18 +722,19 @@ void sample_row(const scalar_t* row, const RowInput& in, float top_p, int64_t to
     token = first_argmax(s.q.data(), in.vocab);
   } else {
     float threshold = kSmallestPositive;
+    double kept_mass = q_sum;  // of {q >= threshold}
     if (top_k > 0 && top_k < in.vocab) {
       const double positive = weight_at_least(s.q.data(), in.vocab, threshold, false);
       threshold = select_threshold(s.q.data(), in.vocab, q_top, threshold, false, double(top_k), positive,
-                                   s.candidates);
+                                   s.candidates).value;
+      kept_mass = weight_at_least(s.q.data(), in.vocab, threshold, true);
     }
-    if (top_p < 1.0f) {  // the mass kept so far: all of q unless top-k cut it
-      const double kept_mass = threshold == kSmallestPositive ? q_sum
-                                                              : weight_at_least(s.q.data(), in.vocab, threshold, true);
-      threshold = select_threshold(s.q.data(), in.vocab, q_top, threshold, true, double(top_p) * kept_mass,
-                                   kept_mass, s.candidates);
+    if (top_p < 1.0f) {
+      const Threshold kept = select_threshold(s.q.data(), in.vocab, q_top, threshold, true,
+                                              double(top_p) * kept_mass, kept_mass, s.candidates);
+      threshold = kept.value, kept_mass = kept.weight;
     }
-    token = inverse_cdf(s.q.data(), in.vocab, threshold, u, s.block_sums);
+    token = inverse_cdf(s.q.data(), in.vocab, threshold, u, kept_mass);
   }
   out.tokens[b] = token;
   s.terms.clear();
