@@ -112,20 +112,20 @@ void decode_kv_heads(const scalar_t* q, int64_t q_head_stride, const scalar_t* k
   for (int64_t start = 0; start < length; start += block_size) {
     const int64_t n = std::min(block_size, length - start);
     const int64_t offset = block_table[start / block_size] * block_stride;
-    if (start + block_size < length) {
-      // blocks are scattered, so the hardware prefetcher cannot guess the next one: fetch it (our heads'
-      // rows of it) while this one computes. Measured with the caches flushed between layers, as in a
-      // model step: 5-15% faster at B=32 and B=8, 2x at B=1.
-      const int64_t next = block_table[start / block_size + 1] * block_stride;
-      const int64_t next_n = std::min(block_size, length - start - block_size);
-      for (int64_t t = 0; t < next_n; ++t)
-        for (int64_t i = 0; i < num_kv * head_dim; i += line) {
-          __builtin_prefetch(k_cache + next + t * token_stride + i);
-          __builtin_prefetch(v_cache + next + t * token_stride + i);
-        }
-    }
+    // blocks are scattered, so the hardware prefetcher cannot guess the next one: fetch it (each head's
+    // rows of it while that head computes on this one, rather than all at once: 8% faster than one burst
+    // at B = 12, 128 tokens, with the caches evicted). Measured with the caches flushed between layers, as
+    // in a model step: 5-15% faster at B=32 and B=8, 2x at B=1, than no prefetch.
+    const bool has_next = start + block_size < length;
+    const int64_t next = has_next ? block_table[start / block_size + 1] * block_stride : 0;
+    const int64_t next_n = has_next ? std::min(block_size, length - start - block_size) : 0;
     for (int64_t h = 0; h < num_kv; ++h) {
       const int64_t r = h * group, head_offset = offset + h * head_dim;
+      for (int64_t t = 0; t < next_n; ++t)
+        for (int64_t i = 0; i < head_dim; i += line) {
+          __builtin_prefetch(k_cache + next + t * token_stride + h * head_dim + i);
+          __builtin_prefetch(v_cache + next + t * token_stride + h * head_dim + i);
+        }
       if constexpr (is_float) {
         attend_block(q_f + r * head_dim, group, head_dim, k_cache + head_offset, v_cache + head_offset, token_stride,
                      n, scores, acc + r * head_dim, running_max + r, running_sum + r);
