@@ -23,6 +23,7 @@ bench: .venv/.installed
 	HF_HUB_OFFLINE=1 $(PY) bench/stacked_experts.py
 	HF_HUB_OFFLINE=1 $(PY) bench/linear.py
 	HF_HUB_OFFLINE=1 $(PY) bench/decoder_ops.py
+	HF_HUB_OFFLINE=1 $(PY) bench/attention.py
 	HF_HUB_OFFLINE=1 $(PY) bench/train.py
 
 lint: .venv/.installed
