@@ -390,6 +390,13 @@ struct Probe {
 };
 
 #ifdef MOPE_X86
+// lanes (16 doubles in two registers) += s, lane by lane
+__attribute__((target("avx512f"))) inline void add_to_double_lanes(__m512d* lanes, __m512 s) {
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+  lanes[0] = _mm512_add_pd(lanes[0], _mm512_cvtps_pd(_mm512_castps512_ps256(s)));
+  lanes[1] = _mm512_add_pd(lanes[1], _mm512_cvtps_pd(high));
+}
+
 // weights_at_least's two-threshold pass with the same sums in the same order, plus the values in [x1, x2)
 // written to out by compress stores
 template <bool kByMass>
@@ -417,11 +424,8 @@ __attribute__((target("avx512f,popcnt"))) Probe probe_avx512(const float* q, int
         count += __builtin_popcount(v_in);
       }
     }
-    const __m512 s1 = _mm512_add_ps(a0, a1), s2 = _mm512_add_ps(b0, b1);
-    lanes1[0] = _mm512_add_pd(lanes1[0], _mm512_cvtps_pd(_mm512_castps512_ps256(s1)));
-    lanes1[1] = _mm512_add_pd(lanes1[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s1), 1))));
-    lanes2[0] = _mm512_add_pd(lanes2[0], _mm512_cvtps_pd(_mm512_castps512_ps256(s2)));
-    lanes2[1] = _mm512_add_pd(lanes2[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s2), 1))));
+    add_to_double_lanes(lanes1, _mm512_add_ps(a0, a1));
+    add_to_double_lanes(lanes2, _mm512_add_ps(b0, b1));
   }
   double w1 = full < n ? chunk_weight_at_least(q + full, n - full, x1, kByMass) : 0.0;
   double w2 = full < n ? chunk_weight_at_least(q + full, n - full, x2, kByMass) : 0.0;
