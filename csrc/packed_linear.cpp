@@ -5,8 +5,9 @@
 // reaches). Here W is packed once into column panels of 32 outputs, each panel K x 32 contiguous, so
 // the whole weight is read as one sequential stream, prefetched ahead into L1 and further ahead into L2;
 // a micro-kernel keeps up to 12 rows x 32 outputs of accumulators in AVX-512 registers and reuses each
-// loaded weight vector for every row. A panel (K x 128 bytes) stays in L2 while row chunks beyond the
-// first 12 reuse it, so larger row counts run at the arithmetic rate.
+// loaded weight vector for every row. Beyond 12 rows, a panel is walked in slices of 128 k (16 KB, in
+// L1) with every 12-row chunk per slice, each chunk prefetching its share of the stream ahead, so the
+// weights keep streaming while the later chunks compute.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -35,22 +36,33 @@ constexpr int64_t kMaxRows = 12;      // rows per micro-kernel call: 24 accumula
 // Measured: 7-15% faster at 4-12 rows than one L1 prefetch 16 KB ahead (which was 1.4x no prefetch).
 constexpr int64_t kPrefetchL1 = 2048;
 constexpr int64_t kPrefetchL2 = 16384;
+// k per slice of a panel when more than kMaxRows rows share it. Measured (bench/linear.py's set, from
+// memory): 12% faster at 32-64 rows, 5-8% at 16-24, same at 128, than each chunk walking the whole panel
+// (where only the first chunk's prefetches reached new lines and memory sat idle under the others).
+constexpr int64_t kSlice = 128;
 
 #ifdef MOPE_AVX512
 // acc (rows x 32) = x[rows, :] @ panel; stores (Accumulate: adds) `cols` (<= 32) outputs per row, plus
-// the bias if any.
-template <int Rows, bool Accumulate>
+// the bias if any. Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines at
+// ahead + k * ahead_step at step k: a row chunk's share of the stream. (One kernel with a runtime choice
+// measured 3% slower at 12 rows.)
+template <int Rows, bool Accumulate, bool Shared>
 __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel,
                                                      int64_t k_dim, const float* bias, float* y, int64_t ldy,
-                                                     int64_t cols) {
+                                                     int64_t cols, const char* ahead, int64_t ahead_step) {
   __m512 acc[Rows][2];
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
     const float* w = panel + k * kPanel;
     _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1 + 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2 + 16), _MM_HINT_T1);
+    if constexpr (Shared) {
+      _mm_prefetch(ahead + k * ahead_step, _MM_HINT_T1);
+      _mm_prefetch(ahead + k * ahead_step + 64, _MM_HINT_T1);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2 + 16), _MM_HINT_T1);
+    }
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
 #pragma GCC unroll 12
     for (int r = 0; r < Rows; ++r) {
@@ -73,15 +85,17 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
 }
 
 using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t,
-                             int64_t);
-template <bool Accumulate, int... Rows>
+                             int64_t, const char*, int64_t);
+template <bool Accumulate, bool Shared, int... Rows>
 constexpr auto micro_kernels(std::integer_sequence<int, Rows...>) {
-  return std::array<MicroKernel, sizeof...(Rows)>{&micro_kernel<Rows + 1, Accumulate>...};
+  return std::array<MicroKernel, sizeof...(Rows)>{&micro_kernel<Rows + 1, Accumulate, Shared>...};
 }
-// [accumulate][rows - 1]
-const std::array<MicroKernel, kMaxRows> kMicroKernels[2] = {
-    micro_kernels<false>(std::make_integer_sequence<int, kMaxRows>{}),
-    micro_kernels<true>(std::make_integer_sequence<int, kMaxRows>{})};
+// [shared][accumulate][rows - 1]
+const std::array<MicroKernel, kMaxRows> kMicroKernels[2][2] = {
+    {micro_kernels<false, false>(std::make_integer_sequence<int, kMaxRows>{}),
+     micro_kernels<true, false>(std::make_integer_sequence<int, kMaxRows>{})},
+    {micro_kernels<false, true>(std::make_integer_sequence<int, kMaxRows>{}),
+     micro_kernels<true, true>(std::make_integer_sequence<int, kMaxRows>{})}};
 #endif
 
 bool supported() {
@@ -135,10 +149,17 @@ void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int6
   at::parallel_for(0, (out_features + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t cols = std::min(kPanel, out_features - p * kPanel);
-      for (int64_t r = 0; r < rows; r += kMaxRows) {
-        kMicroKernels[0][std::min(kMaxRows, rows - r) - 1](
-            x + r * k_dim, k_dim, packed + p * k_dim * kPanel, k_dim, bias ? bias + p * kPanel : nullptr,
-            y + r * ldy + p * kPanel, ldy, cols);
+      const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows, slice = chunks == 1 ? k_dim : kSlice;
+      for (int64_t k0 = 0; k0 < k_dim; k0 += slice) {
+        const int64_t k_len = std::min(slice, k_dim - k0);
+        const float* w = packed + (p * k_dim + k0) * kPanel;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t r = c * kMaxRows, share = k_len * kPanel * int64_t(sizeof(float)) / chunks;
+          const char* ahead = reinterpret_cast<const char*>(w + kPrefetchL2) + c * share;
+          kMicroKernels[chunks > 1][k0 > 0][std::min(kMaxRows, rows - r) - 1](
+              x + r * k_dim + k0, k_dim, w, k_len, k0 == 0 && bias ? bias + p * kPanel : nullptr,
+              y + r * ldy + p * kPanel, ldy, cols, ahead, share / k_len);
+        }
       }
     }
   });
@@ -206,8 +227,8 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
         const int64_t lo = ranges[(p * num_adapters + a) * 2], hi = ranges[(p * num_adapters + a) * 2 + 1];
         if (lo == hi) continue;
         const int64_t k = a * width + lo;
-        kMicroKernels[1][n - 1](shrink + first * ldy + k, ldy, w_data + (p * k_all + k) * kPanel, hi - lo,
-                                nullptr, y_data + first * ldy + p * kPanel, ldy, cols);
+        kMicroKernels[0][1][n - 1](shrink + first * ldy + k, ldy, w_data + (p * k_all + k) * kPanel, hi - lo,
+                                nullptr, y_data + first * ldy + p * kPanel, ldy, cols, nullptr, 0);
       }
     }
   });
