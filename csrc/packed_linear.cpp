@@ -12,6 +12,10 @@
 
 #include <ATen/Parallel.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <utility>
@@ -42,13 +46,22 @@ constexpr int64_t kPrefetchL2 = 16384;
 constexpr int64_t kSlice = 128;
 
 #ifdef MOPE_AVX512
-// acc (rows x 32) = x[rows, :] @ panel; stores (Accumulate: adds) `cols` (<= 32) outputs per row, plus
-// the bias if any. Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines at
-// ahead + k * ahead_step at step k: a row chunk's share of the stream.
-template <int Rows, bool Accumulate, bool Shared>
-__attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel,
-                                                     int64_t k_dim, const float* bias, float* y, int64_t ldy,
-                                                     int64_t cols, const char* ahead, int64_t ahead_step) {
+// A LoRA expand span a micro-kernel adds after its panel: k_len steps, each a k-major row of kMaxRows
+// shrink values in x (zero for the rows of other adapters) times a row of 32 expand outputs in w.
+struct Span {
+  const float* x;
+  const float* w;
+  int64_t k_len;
+};
+
+// acc (rows x 32) = x[rows, :] @ panel + the spans; stores (Accumulate: adds) `cols` (<= 32) outputs per
+// row, plus the bias if any. x is row-major (row r at x + r * ldx) or (KMajor) k-major, kMaxRows values
+// per k (`pack_rows`). Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines
+// at ahead + k * ahead_step at step k: a row chunk's share of the stream.
+template <int Rows, bool Accumulate, bool Shared, bool KMajor>
+__attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
+                                                     const Span* spans, int64_t num_spans, const float* bias, float* y,
+                                                     int64_t ldy, int64_t cols, const char* ahead, int64_t ahead_step) {
   __m512 acc[Rows][2];
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
@@ -65,9 +78,23 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
 #pragma GCC unroll 12
     for (int r = 0; r < Rows; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * ldx + k]);
+      const __m512 xr = _mm512_set1_ps(KMajor ? x[k * kMaxRows + r] : x[r * ldx + k]);
       acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
+    }
+  }
+  for (const Span* span = spans; span < spans + num_spans; ++span) {
+    for (int64_t k = 0; k < span->k_len; ++k) {
+      const float* w = span->w + k * kPanel;  // one stream across panels: fetch the next panels' spans
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1 + 16), _MM_HINT_T0);
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+#pragma GCC unroll 12
+      for (int r = 0; r < Rows; ++r) {
+        const __m512 xr = _mm512_set1_ps(span->x[k * kMaxRows + r]);
+        acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
+      }
     }
   }
   const __mmask16 mask0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
@@ -83,18 +110,18 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
   }
 }
 
-using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t,
-                             int64_t, const char*, int64_t);
-template <bool Accumulate, bool Shared, int... Rows>
-constexpr auto micro_kernels(std::integer_sequence<int, Rows...>) {
-  return std::array<MicroKernel, sizeof...(Rows)>{&micro_kernel<Rows + 1, Accumulate, Shared>...};
+using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, const Span*, int64_t, const float*, float*,
+                             int64_t, int64_t, const char*, int64_t);
+template <bool Accumulate, bool Shared, bool KMajor, int... Rows>
+constexpr std::array<MicroKernel, kMaxRows> micro_kernels(std::integer_sequence<int, Rows...>) {
+  return {&micro_kernel<Rows + 1, Accumulate, Shared, KMajor>...};
 }
-// [shared][accumulate][rows - 1]
-const std::array<MicroKernel, kMaxRows> kMicroKernels[2][2] = {
-    {micro_kernels<false, false>(std::make_integer_sequence<int, kMaxRows>{}),
-     micro_kernels<true, false>(std::make_integer_sequence<int, kMaxRows>{})},
-    {micro_kernels<false, true>(std::make_integer_sequence<int, kMaxRows>{}),
-     micro_kernels<true, true>(std::make_integer_sequence<int, kMaxRows>{})}};
+constexpr auto kRowCounts = std::make_integer_sequence<int, kMaxRows>{};
+// [rows - 1]: a GEMM of at most kMaxRows rows, over k-major x
+const std::array<MicroKernel, kMaxRows> kKMajorKernels = micro_kernels<false, false, true>(kRowCounts);
+// [accumulate][rows - 1]: a row chunk of a larger GEMM, per slice (accumulating after the first)
+const std::array<MicroKernel, kMaxRows> kSlicedKernels[2] = {micro_kernels<false, true, false>(kRowCounts),
+                                                             micro_kernels<true, true, false>(kRowCounts)};
 #endif
 
 bool supported() {
@@ -109,29 +136,68 @@ void check(bool ok, const std::string& message) {
   TORCH_CHECK_VALUE(ok, "packed_linear: ", message);
 }
 
-// (N, K) fp32 -> (ceil(N / 32), K, 32): panel p holds outputs 32p .. 32p + 31 (zeros past N). On Linux the
-// panels live in transparent huge pages where the kernel grants them: streaming a weight through 4 KB
-// pages evicts the whole TLB, and every small op after a GEMM then paid ~20 us of page walks (measured).
+// An uninitialised fp32 CPU tensor for a packed weight. On Linux it lives in transparent huge pages where
+// the kernel grants them: streaming a weight through 4 KB pages evicts the whole TLB, and every small op
+// after a GEMM then paid ~20 us of page walks (measured).
+torch::Tensor packed_empty(torch::IntArrayRef sizes) {
+  const auto options = torch::dtype(torch::kFloat32);
+#ifdef __linux__
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * sizeof(float);
+  void* memory = nullptr;
+  if (bytes >= kHugePage && posix_memalign(&memory, kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage) == 0) {
+    madvise(memory, bytes, MADV_HUGEPAGE);  // advice only: without THP it is ordinary memory
+    return torch::from_blob(memory, sizes, [](void* data) { free(data); }, options);
+  }
+#endif
+  return torch::empty(sizes, options);
+}
+
+// (N, K) fp32 -> (ceil(N / 32), K, 32): panel p holds outputs 32p .. 32p + 31 (zeros past N).
 torch::Tensor pack_weight(const torch::Tensor& weight) {
   check(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu(),
         "weight must be a 2-D fp32 CPU tensor");
   const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
   auto padded = torch::zeros({panels * kPanel, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
-  auto panels_view = padded.view({panels, kPanel, k}).transpose(1, 2);
-#ifdef __linux__
-  constexpr size_t kHugePage = size_t(2) << 20;
-  const size_t bytes = size_t(panels * kPanel * k) * sizeof(float);
-  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* memory = nullptr;
-  if (bytes >= kHugePage && posix_memalign(&memory, kHugePage, size) == 0) {
-    madvise(memory, size, MADV_HUGEPAGE);  // advice only: without THP it is ordinary memory
-    auto packed = torch::from_blob(memory, {panels, k, kPanel}, [](void* data) { free(data); }, weight.options());
-    packed.copy_(panels_view);
-    return packed;
-  }
-#endif
-  return panels_view.contiguous();
+  auto packed = packed_empty({panels, k, kPanel});
+  packed.copy_(padded.view({panels, kPanel, k}).transpose(1, 2));
+  return packed;
+}
+
+void check_k_ranges(const torch::Tensor& k_ranges, int64_t out_features, int64_t width) {
+  check(k_ranges.dim() == 3 && k_ranges.size(2) == 2 && k_ranges.scalar_type() == torch::kInt64
+            && k_ranges.is_contiguous() && k_ranges.size(0) == (out_features + kPanel - 1) / kPanel,
+        "k_ranges must be a contiguous (panels, L, 2) int64 tensor");
+  const int64_t* ranges = k_ranges.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k_ranges.numel(); i += 2)
+    check(0 <= ranges[i] && ranges[i] <= ranges[i + 1] && ranges[i + 1] <= width, "k_ranges out of range");
+}
+
+// The LoRA expand factors side by side, B = [B_0 .. B_{L-1}] (N, L * width) -> for each 32-output panel p
+// and adapter a in turn, only its columns k_ranges[p, a] = [lo, hi), as (hi - lo) rows of 32 outputs:
+// (sum of hi - lo, 32). A fused projection's B is block-diagonal over its shards, so most columns of a
+// panel are zero; laid out densely the expand reads one stream of just the nonzeros (with them in
+// place, the prefetchers also fetched the zero blocks: 2x the bytes at gate/up, 3x at q/k/v).
+torch::Tensor pack_expand(const torch::Tensor& weight, const torch::Tensor& k_ranges) {
+  check(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu(),
+        "weight must be a 2-D fp32 CPU tensor");
+  const int64_t n = weight.size(0), num_adapters = k_ranges.size(1), width = weight.size(1) / num_adapters;
+  check(num_adapters > 0 && weight.size(1) == num_adapters * width, "weight must have L * width columns");
+  check_k_ranges(k_ranges, n, width);
+  const auto w = weight.contiguous();
+  const int64_t* ranges = k_ranges.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < k_ranges.numel(); i += 2) total += ranges[i + 1] - ranges[i];
+  auto packed = packed_empty({total, kPanel});
+  float* out = packed.data_ptr<float>();
+  const float* src = w.data_ptr<float>();
+  for (int64_t p = 0; p < k_ranges.size(0); ++p)
+    for (int64_t a = 0; a < num_adapters; ++a)
+      for (int64_t k = ranges[(p * num_adapters + a) * 2]; k < ranges[(p * num_adapters + a) * 2 + 1]; ++k, out += kPanel)
+        for (int64_t j = 0; j < kPanel; ++j)
+          out[j] = p * kPanel + j < n ? src[(p * kPanel + j) * weight.size(1) + a * width + k] : 0.0f;
+  return packed;
 }
 
 void check_packed(const torch::Tensor& packed, int64_t k_dim, int64_t out_features, const char* name) {
@@ -142,25 +208,109 @@ void check_packed(const torch::Tensor& packed, int64_t k_dim, int64_t out_featur
 }
 
 #ifdef MOPE_AVX512
+// x's rows (at most kMaxRows) k-major: xk[k * kMaxRows + r] = x[r, k]. The micro-kernel's broadcasts then
+// read one sequential stream instead of one per row: with a whole panel per call (up to 12 KB of each row
+// between reuses) the row streams fell out of L1. Measured from memory, bench/linear.py's projection set:
+// 3-5% faster at 12 rows, 2% at 4. (Beyond 12 rows a panel goes in 16 KB slices that stay in L1, and
+// packing x measured 3% slower at 32 rows: those take x as it is.)
+void pack_rows(const float* x, int64_t rows, int64_t k_dim, float* xk) {
+  for (int64_t k = 0; k < k_dim; ++k)
+    for (int64_t r = 0; r < rows; ++r) xk[k * kMaxRows + r] = x[r * k_dim + k];
+}
+
+// body(thread, threads) on up to `work` threads of torch's pool (one inside a parallel region): one
+// OpenMP region, whose threads may meet at `#pragma omp barrier`.
+template <typename Body>
+void in_parallel(int64_t work, const Body& body) {
+#ifdef _OPENMP
+  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), work));
+#pragma omp parallel num_threads(std::max(threads, 1))
+  body(omp_get_thread_num(), omp_get_num_threads());
+#else
+  body(0, 1);
+#endif
+}
+
+// [begin, end): thread t's share of n items
+std::pair<int64_t, int64_t> share(int64_t n, int t, int threads) {
+  const int64_t each = (n + threads - 1) / threads;
+  return {std::min(n, t * each), std::min(n, (t + 1) * each)};
+}
+
+// The LoRA expand of a GEMM's panels: per 12-row chunk c, the shrink values k-major with each row's own
+// adapter's columns only (masked + c * L * width * kMaxRows), and per panel and adapter the span of
+// expand rows (pack_expand's `w`, starting at offsets[p * L + a]) with its first column ranges[...].
+struct Expand {
+  const float* masked;
+  const float* w;
+  const int64_t* ranges;
+  const int64_t* offsets;
+  const char* used;  // [c * L + a]: whether chunk c has rows of adapter a
+  int64_t num_adapters, width;
+
+  // The spans of chunk c at panel p (into `spans`, returned count)
+  int64_t spans_of(int64_t c, int64_t p, Span* spans) const {
+    int64_t n = 0;
+    for (int64_t a = 0; a < num_adapters; ++a) {
+      const int64_t block = p * num_adapters + a, k_len = offsets[block + 1] - offsets[block];
+      if (k_len > 0 && used[c * num_adapters + a])
+        spans[n++] = {masked + (c * num_adapters * width + a * width + ranges[2 * block]) * kMaxRows,
+                      w + offsets[block] * kPanel, k_len};
+    }
+    return n;
+  }
+};
+
+// One thread's panels [begin, end) of y = x (rows x k_dim) @ W^T + bias (+ the expand), W as panels;
+// panel p's outputs (at most col_limit - 32p) go to y + 32p - first_col. xk: x packed by pack_rows when
+// rows <= kMaxRows.
+void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, const float* packed, int64_t begin,
+                 int64_t end, int64_t col_limit, const float* bias, float* y, int64_t ldy, int64_t first_col,
+                 const Expand* expand) {
+  const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+  std::vector<Span> spans(expand ? expand->num_adapters : 0);
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t cols = std::min(kPanel, col_limit - p * kPanel);
+    const float* panel_bias = bias ? bias + p * kPanel : nullptr;
+    float* y_panel = y + p * kPanel - first_col;
+    if (chunks == 1) {
+      const int64_t n = expand ? expand->spans_of(0, p, spans.data()) : 0;
+      kKMajorKernels[rows - 1](xk, 0, packed + p * k_dim * kPanel, k_dim, spans.data(), n, panel_bias, y_panel, ldy,
+                               cols, nullptr, 0);
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < k_dim; k0 += kSlice) {
+      const int64_t k_len = std::min(kSlice, k_dim - k0);
+      const float* w = packed + (p * k_dim + k0) * kPanel;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t r = c * kMaxRows, share = k_len * kPanel * int64_t(sizeof(float)) / chunks;
+        const char* ahead = reinterpret_cast<const char*>(w + kPrefetchL2) + c * share;
+        const int64_t n = expand && k0 + k_len == k_dim ? expand->spans_of(c, p, spans.data()) : 0;
+        kSlicedKernels[k0 > 0][std::min(kMaxRows, rows - r) - 1](
+            x + r * k_dim + k0, k_dim, w, k_len, spans.data(), n, k0 == 0 ? panel_bias : nullptr, y_panel + r * ldy,
+            ldy, cols, ahead, share / k_len);
+      }
+    }
+  }
+}
+
+// x packed for the micro-kernels by this thread: k-major up to kMaxRows rows, else x itself
+const float* rows_for_kernel(const float* x, int64_t rows, int64_t k_dim) {
+  if (rows > kMaxRows) return x;
+  thread_local std::vector<float> k_major;
+  k_major.resize(k_dim * kMaxRows);
+  pack_rows(x, rows, k_dim, k_major.data());
+  return k_major.data();
+}
+
 // y (rows x out_features, row stride ldy) = x (rows x k_dim, contiguous) @ W^T + bias, W as panels.
 void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int64_t out_features,
           const float* bias, float* y, int64_t ldy) {
-  at::parallel_for(0, (out_features + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t cols = std::min(kPanel, out_features - p * kPanel);
-      const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows, slice = chunks == 1 ? k_dim : kSlice;
-      for (int64_t k0 = 0; k0 < k_dim; k0 += slice) {
-        const int64_t k_len = std::min(slice, k_dim - k0);
-        const float* w = packed + (p * k_dim + k0) * kPanel;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t r = c * kMaxRows, share = k_len * kPanel * int64_t(sizeof(float)) / chunks;
-          const char* ahead = reinterpret_cast<const char*>(w + kPrefetchL2) + c * share;
-          kMicroKernels[chunks > 1][k0 > 0][std::min(kMaxRows, rows - r) - 1](
-              x + r * k_dim + k0, k_dim, w, k_len, k0 == 0 && bias ? bias + p * kPanel : nullptr,
-              y + r * ldy + p * kPanel, ldy, cols, ahead, share / k_len);
-        }
-      }
-    }
+  const int64_t panels = (out_features + kPanel - 1) / kPanel;
+  in_parallel(panels, [&](int t, int threads) {
+    const float* xk = rows_for_kernel(x, rows, k_dim);  // each thread its own: a few us, and no barrier
+    const auto [begin, end] = share(panels, t, threads);
+    gemm_panels(x, xk, rows, k_dim, packed, begin, end, out_features, bias, y, ldy, 0, nullptr);
   });
 }
 #endif
@@ -183,53 +333,63 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 }
 
 // LoRA over a base linear, A folded into the weight: `folded` packs [W; A_0; ..; A_{L-1}] (out + L*width
-// rows), so one GEMM gives y = [x W^T + bias | every adapter's shrink]. Then each row adds its own
-// adapter's expand, y[n, :out] += shrink[n, a*width : (a+1)*width] @ B_a^T (a = adapter[n]; -1: none),
-// with `expand` = pack_weight([B_0 .. B_{L-1}]) and, for panel p, only the columns k_ranges[p, a] =
-// [lo, hi) of adapter a's that are nonzero there (a fused projection's B is block-diagonal over its
-// shards). Runs of consecutive rows with the same adapter share a micro-kernel call. bias, if any, is
-// (out + L*width,), zeros past out. Returns y (N, out + L*width); y[:, :out] is the layer's output.
+// rows). Row n gets y[n] = x[n] W^T + bias + shrink[n, a*width : (a+1)*width] @ B_a^T, a = adapter[n] (-1:
+// none), shrink = x @ [A_0; ..]^T, B_a over the columns k_ranges[p, a] of each panel p, `expand` =
+// pack_expand(B, k_ranges). One parallel region: the threads compute the shrink panels (the last of
+// `folded`), meet, and then each its run of W's panels, every panel's expand spans added in the
+// micro-kernel (no second pass over y). bias, if any, is (out,).
 torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& folded, int64_t out_features,
                                  const c10::optional<torch::Tensor>& bias, const torch::Tensor& adapter,
-                                 const torch::Tensor& expand, const torch::Tensor& k_ranges) {
-  check(k_ranges.dim() == 3 && k_ranges.size(2) == 2 && k_ranges.scalar_type() == torch::kInt64
-            && k_ranges.is_contiguous() && k_ranges.size(0) == (out_features + kPanel - 1) / kPanel,
-        "k_ranges must be a contiguous (panels, L, 2) int64 tensor");
-  const int64_t num_adapters = k_ranges.size(1), k_all = expand.size(1), width = k_all / num_adapters;
-  check(k_all == num_adapters * width, "expand must have L * width columns");
-  check_packed(expand, k_all, out_features, "expand");
-  auto y = packed_linear(x, folded, out_features + k_all, bias);
-  const int64_t rows = x.size(0), ldy = y.size(1);
+                                 const torch::Tensor& expand, const torch::Tensor& k_ranges, int64_t width) {
+  check(k_ranges.dim() == 3 && k_ranges.size(1) > 0, "k_ranges must be a (panels, L, 2) tensor");
+  const int64_t num_adapters = k_ranges.size(1), k_all = num_adapters * width, total = out_features + k_all;
+  check_k_ranges(k_ranges, out_features, width);
+  const int64_t* ranges = k_ranges.data_ptr<int64_t>();
+  const int64_t panels = k_ranges.size(0);
+  std::vector<int64_t> offsets(panels * num_adapters + 1, 0);  // where each (panel, adapter) span starts
+  for (int64_t i = 0; i < panels * num_adapters; ++i) offsets[i + 1] = offsets[i] + ranges[2 * i + 1] - ranges[2 * i];
+  check(expand.dim() == 2 && expand.size(0) == offsets.back() && expand.size(1) == kPanel && expand.is_contiguous()
+            && expand.scalar_type() == torch::kFloat32,
+        "expand must come from pack_expand of the expand factors with these k_ranges");
+  check(supported(), "this CPU has no AVX-512 (use F.linear)");
+  check(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.is_contiguous(),
+        "x must be a contiguous 2-D fp32 CPU tensor");
+  check_packed(folded, x.size(1), total, "folded");
+  check(!bias || (bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous()
+                  && bias->scalar_type() == torch::kFloat32),
+        "bias must be a contiguous (" + std::to_string(out_features) + ",) fp32 tensor");
+  const int64_t rows = x.size(0), k_dim = x.size(1);
   check(adapter.dim() == 1 && adapter.size(0) == rows && adapter.scalar_type() == torch::kInt64
             && adapter.is_contiguous(),
         "adapter must be a contiguous (N,) int64 tensor");
   const int64_t* index = adapter.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) check(index[r] >= -1 && index[r] < num_adapters, "adapter out of range");
-  const int64_t* ranges = k_ranges.data_ptr<int64_t>();
-  for (int64_t i = 0; i < k_ranges.numel(); i += 2)
-    check(0 <= ranges[i] && ranges[i] <= ranges[i + 1] && ranges[i + 1] <= width, "k_ranges out of range");
+  auto y = torch::empty({rows, out_features}, x.options());
 #ifdef MOPE_AVX512
-  std::vector<std::array<int64_t, 3>> runs;  // (first row, rows, adapter)
-  for (int64_t r = 0; r < rows;) {
-    int64_t n = 1;
-    while (r + n < rows && n < kMaxRows && index[r + n] == index[r]) ++n;
-    if (index[r] >= 0) runs.push_back({r, n, index[r]});
-    r += n;
-  }
-  float* y_data = y.data_ptr<float>();
-  const float* shrink = y_data + out_features;
-  const float* w_data = expand.data_ptr<float>();
-  at::parallel_for(0, expand.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t cols = std::min(kPanel, out_features - p * kPanel);
-      for (const auto& [first, n, a] : runs) {
-        const int64_t lo = ranges[(p * num_adapters + a) * 2], hi = ranges[(p * num_adapters + a) * 2 + 1];
-        if (lo == hi) continue;
-        const int64_t k = a * width + lo;
-        kMicroKernels[0][1][n - 1](shrink + first * ldy + k, ldy, w_data + (p * k_all + k) * kPanel, hi - lo,
-                                   nullptr, y_data + first * ldy + p * kPanel, ldy, cols, nullptr, 0);
-      }
-    }
+  const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+  std::vector<char> used(chunks * num_adapters, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (index[r] >= 0) used[r / kMaxRows * num_adapters + index[r]] = 1;
+  // the shrink: the panels of `folded` from the one holding output row out_features on
+  const int64_t first_shrink = out_features / kPanel, shrink_panels = (total + kPanel - 1) / kPanel - first_shrink;
+  const int64_t ld_shrink = shrink_panels * kPanel, shrink_col = out_features - first_shrink * kPanel;
+  std::vector<float> shrink(rows * ld_shrink);
+  const float *x_data = x.data_ptr<float>(), *packed = folded.data_ptr<float>();
+  in_parallel((out_features + kPanel - 1) / kPanel, [&](int t, int threads) {
+    const float* xk = rows_for_kernel(x_data, rows, k_dim);
+    const auto [begin, end] = share(shrink_panels, t, threads);
+    gemm_panels(x_data, xk, rows, k_dim, packed, first_shrink + begin, first_shrink + end, total, nullptr,
+                shrink.data(), ld_shrink, first_shrink * kPanel, nullptr);
+#pragma omp barrier
+    thread_local std::vector<float> masked;  // this thread's: chunks x k_all x kMaxRows
+    masked.assign(chunks * k_all * kMaxRows, 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
+        masked[(r / kMaxRows * k_all + j) * kMaxRows + r % kMaxRows] = shrink[r * ld_shrink + shrink_col + j];
+    const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
+    const auto [first, last] = share(panels, t, threads);
+    gemm_panels(x_data, xk, rows, k_dim, packed, first, last, out_features, bias ? bias->data_ptr<float>() : nullptr,
+                y.data_ptr<float>(), out_features, 0, &lora);
   });
 #endif
   return y;
@@ -242,6 +402,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "(N, K) fp32 weight -> (ceil(N/32), K, 32) panels");
   m.def("packed_linear", &packed_linear, "x @ W^T + bias from pack_weight's panels", py::arg("x"),
         py::arg("packed"), py::arg("out_features"), py::arg("bias") = py::none());
+  m.def("pack_expand", &pack_expand, "LoRA expand factors (N, L * width) -> their nonzero column spans per panel");
   m.def("packed_lora_linear", &packed_lora_linear,
         "[x W^T + b + each row's LoRA delta | every adapter's shrink] from the folded [W; A] panels");
 }

@@ -238,28 +238,25 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, lora: StackedLoRA, step: StepRows, backend: str):
         super().__init__()
         self.base_layer, self.lora, self.step, self.backend = base_layer, lora, step, backend
-        num_adapters, width, _ = lora.a.shape
         weight = base_layer.weight
         self.folded_weight = torch.cat([weight.detach(), lora.a.reshape(-1, weight.shape[1])])
         weight.data = self.folded_weight[: weight.shape[0]]  # shares storage and version counter
-        self.folded_bias = None if base_layer.bias is None else torch.cat(
-            [base_layer.bias.detach(), base_layer.bias.new_zeros(num_adapters * width)])
-        self._packed_expand: tuple[Tensor, Tensor] | None = None  # made on first use (CPU only)
+        self._packed_expand: packed_linear.PackedExpand | None = None  # made on first use (CPU only)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self.step.rows
         if rows is None:
             return self.base_layer(x)
+        base = self.base_layer
         if not (self.backend == "auto" and packed_linear.available()
                 and takes_packed_path(x, self.folded_weight)):
-            return add_lora(self.base_layer(x), x, self.lora.a, self.lora.b, rows, backend=self.backend)
+            return add_lora(base(x), x, self.lora.a, self.lora.b, rows, backend=self.backend)
         if self._packed_expand is None:  # [B_0 .. B_{L-1}] side by side, (out, L * width)
             num_adapters, out_features, width = self.lora.b.shape
             expand = self.lora.b.permute(1, 0, 2).reshape(out_features, num_adapters * width)
             self._packed_expand = packed_linear.pack_lora_expand(expand, num_adapters)
-        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight),
-                                                self.base_layer.out_features, self.folded_bias,
-                                                rows.adapter_index, self._packed_expand)
+        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), base.out_features,
+                                                base.bias, rows.adapter_index, self._packed_expand)
 
 
 class LoRAGroup(nn.Module):

@@ -12,6 +12,7 @@ callers then use F.linear (or MKL's packed GEMM).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,43 +43,53 @@ def packed_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | N
     return load_cpp("packed_linear").packed_linear(_checked_rows(x), packed, out_features, bias)
 
 
-def pack_lora_expand(weight: Tensor, num_adapters: int) -> tuple[Tensor, Tensor]:
-    """The expand factors [B_0 .. B_{L-1}] side by side, (OUT, L * width) fp32 -> (packed, k_ranges) for
-    `packed_lora_linear`. k_ranges (panels, L, 2): the span of adapter l's columns that is nonzero in
-    each panel of 32 outputs (a fused projection's B is block-diagonal over its shards: the rest is
-    skipped; smaller ranks' zero padding too)."""
-    packed = pack_weight(weight)
-    if weight.shape[1] % num_adapters:
-        raise ValueError(f"weight has {weight.shape[1]} columns, not a multiple of {num_adapters} adapters")
-    panels = torch.zeros(packed.shape[0] * PANEL, weight.shape[1], dtype=torch.bool)
-    panels[: weight.shape[0]] = weight != 0
-    nonzero = panels.view(packed.shape[0], PANEL, num_adapters, -1).any(dim=1)  # (panels, L, width)
+class PackedExpand(NamedTuple):
+    """LoRA expand factors as `packed_lora_linear` reads them (from `pack_lora_expand`)."""
+
+    panels: Tensor  # (sum of the spans, 32): per panel and adapter, its nonzero columns' 32 outputs
+    k_ranges: Tensor  # (panels, L, 2) int64: the span [lo, hi) of adapter l's columns nonzero in a panel
+    width: int  # columns per adapter (the rank, or the shards' ranks side by side)
+
+
+def pack_lora_expand(weight: Tensor, num_adapters: int) -> PackedExpand:
+    """The expand factors [B_0 .. B_{L-1}] side by side, (OUT, L * width) fp32, for `packed_lora_linear`:
+    per 32-output panel and adapter, only the span of columns nonzero there (a fused projection's B is
+    block-diagonal over its shards: the rest is never read; smaller ranks' zero padding neither)."""
+    _require_available()
+    if num_adapters < 1 or weight.dim() != 2 or weight.shape[1] % num_adapters:
+        raise ValueError(f"weight must be (OUT, L * width) for L = {num_adapters} adapters, "
+                         f"got {describe(weight)}")
+    weight = weight.detach()
+    panels = -(-weight.shape[0] // PANEL)
+    nonzero = torch.zeros(panels * PANEL, weight.shape[1], dtype=torch.bool)
+    nonzero[: weight.shape[0]] = weight != 0
+    nonzero = nonzero.view(panels, PANEL, num_adapters, -1).any(dim=1)  # (panels, L, width)
     width = nonzero.shape[2]
     columns = torch.arange(width)
     lo = torch.where(nonzero, columns, width).amin(dim=2)
     hi = torch.where(nonzero, columns + 1, 0).amax(dim=2)
-    return packed, torch.stack([lo.clamp(max=hi), hi], dim=2).contiguous()
+    k_ranges = torch.stack([lo.clamp(max=hi), hi], dim=2).contiguous()
+    return PackedExpand(load_cpp("packed_linear").pack_expand(weight, k_ranges), k_ranges, width)
 
 
 def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tensor | None,
-                       adapter_index: Tensor, expand: tuple[Tensor, Tensor]) -> Tensor:
+                       adapter_index: Tensor, expand: PackedExpand) -> Tensor:
     """Batched LoRA over a linear layer in one call: row n gets x[n] @ Wᵀ + bias + x[n] @ A_lᵀ @ B_lᵀ for
-    l = adapter_index[n] (-1: the plain layer).
+    l = adapter_index[n] (-1: the plain layer) -> (M, out_features).
 
     folded = pack_weight([W; A_0; ..; A_{L-1}]) (the A factors, (width, K) each, appended as extra output
-    rows: one GEMM gives the base output and every adapter's shrink); expand = pack_lora_expand([B_0 ..
-    B_{L-1}], L); bias (out_features + L * width,) with zeros past out_features, or None. Each row then
-    reads only its own adapter's expand columns. Rows in runs of one adapter (a decode step) share work.
-    Returns (M, out_features), a view into the wider output.
+    rows: the same GEMM gives every adapter's shrink); expand = pack_lora_expand([B_0 .. B_{L-1}], L);
+    bias (out_features,) or None. Each row reads only its own adapter's expand columns, added to its
+    outputs inside the GEMM.
     """
     _require_available()
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
         raise ValueError(f"adapter_index must be ({x.shape[0]},), got {describe(adapter_index)}")
-    packed, k_ranges = expand
-    both = load_cpp("packed_linear").packed_lora_linear(
-        _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(), packed,
-        k_ranges)
-    return both[:, :out_features]
+    if adapter_index.dtype != torch.int64 or not adapter_index.is_contiguous():
+        adapter_index = adapter_index.to(torch.int64).contiguous()
+    return load_cpp("packed_linear").packed_lora_linear(
+        _checked_rows(x), folded, out_features, bias, adapter_index, expand.panels, expand.k_ranges,
+        expand.width)
 
 
 def _checked_rows(x: Tensor) -> Tensor:
@@ -87,7 +98,7 @@ def _checked_rows(x: Tensor) -> Tensor:
         raise ValueError(f"x must be a 2-D float32 CPU tensor, got {describe(x)}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; packed_linear serves at most {MAX_ROWS} (use F.linear)")
-    return x.contiguous()
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _require_available() -> None:

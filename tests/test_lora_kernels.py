@@ -86,9 +86,8 @@ def packed_lora(x, weight, bias, lora_a, lora_b, index, scaling):
     """x @ weightᵀ + bias + each row's delta through packed_lora_linear, as engine/lora.py builds it."""
     num_adapters, rank, hidden = lora_a.shape
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(-1, hidden)]))
-    folded_bias = torch.cat([bias, torch.zeros(num_adapters * rank)])
     expand = (lora_b * scaling[:, None, None]).permute(1, 0, 2).reshape(weight.shape[0], -1)
-    return packed_linear.packed_lora_linear(x, folded, weight.shape[0], folded_bias, index,
+    return packed_linear.packed_lora_linear(x, folded, weight.shape[0], bias, index,
                                             packed_linear.pack_lora_expand(expand, num_adapters))
 
 
@@ -117,13 +116,18 @@ def test_packed_lora_linear_matches_dense_per_row(num_rows, sort_rows):
 
 @needs_packed
 def test_pack_lora_expand_skips_zero_columns_per_panel():
-    """k_ranges: per 32-output panel and adapter, the span of that adapter's columns nonzero there."""
+    """k_ranges: per 32-output panel and adapter, the span of that adapter's columns nonzero there; the
+    packed factors hold just those spans, each as rows of the panel's 32 outputs (zeros past OUT)."""
     b = torch.zeros(70, 2 * 6)  # two adapters, width 6
-    b[:32, 0:2] = 1.0  # panel 0, adapter 0: columns 0-1
-    b[40:45, 3] = 1.0  # panel 1, adapter 0: column 3
-    b[64:, 6 + 5] = 1.0  # panel 2, adapter 1: column 5
-    _, k_ranges = packed_linear.pack_lora_expand(b, 2)
-    assert k_ranges.tolist() == [[[0, 2], [0, 0]], [[3, 4], [0, 0]], [[0, 0], [5, 6]]]
+    b[:32, 0:2] = torch.randn(32, 2)  # panel 0, adapter 0: columns 0-1
+    b[40:45, 3] = torch.randn(5)  # panel 1, adapter 0: column 3
+    b[64:, 6 + 5] = torch.randn(6)  # panel 2, adapter 1: column 5
+    expand = packed_linear.pack_lora_expand(b, 2)
+    assert expand.k_ranges.tolist() == [[[0, 2], [0, 0]], [[3, 4], [0, 0]], [[0, 0], [5, 6]]]
+    assert expand.width == 6
+    padded = torch.cat([b, torch.zeros(96 - 70, 12)])
+    expected = torch.stack([padded[:32, 0], padded[:32, 1], padded[32:64, 3], padded[64:96, 11]])
+    assert torch.equal(expand.panels, expected)
 
 
 @needs_packed
@@ -139,6 +143,13 @@ def test_packed_lora_linear_refuses_bad_inputs():
     with pytest.raises(ValueError, match="rows"):
         packed_lora(torch.randn(257, 80), weight, bias, lora_a, lora_b, torch.zeros(257, dtype=torch.int64),
                     scaling)
+    folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(-1, weight.shape[1])]))
+    expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(70, -1), len(lora_a))
+    short = expand._replace(panels=expand.panels[1:])
+    with pytest.raises(ValueError, match="expand must come from pack_expand"):
+        packed_linear.packed_lora_linear(x, folded, 70, None, index, short)
+    with pytest.raises(ValueError, match="L = 0"):
+        packed_linear.pack_lora_expand(lora_b[0], 0)
 
 
 def bad_inputs():

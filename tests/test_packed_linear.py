@@ -11,7 +11,7 @@ needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_
 
 
 @needs_packed
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 31, 256])
+@pytest.mark.parametrize("rows", [*range(1, 14), 31, 256])
 @pytest.mark.parametrize("out_features,in_features", [(70, 80), (32, 7), (2304, 768), (5, 300)])
 def test_matches_f_linear(rows, out_features, in_features):
     """Row counts around the 12-row micro-kernel, outputs off and on the 32-output panels, with and
