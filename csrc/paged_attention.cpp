@@ -195,6 +195,22 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+constexpr int64_t kStoreRowsPerTask = 8;  // new tokens per store_kv task
+
+// dst = src, bytes long. An aligned row of whole 64-byte lines goes by streaming stores (SSE2, part of
+// x86-64): a store that misses must first read its line in, and the cache slots of a step's new tokens
+// are scattered and cold, so those reads dominated store_kv (measured below, in `store_kv`).
+void copy_row(char* dst, const char* src, int64_t bytes) {
+#ifdef MOPE_X86
+  if (bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t i = 0; i < bytes; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
 // k_cache[slot // block_size, slot % block_size] = k[n] for each new token n, same for v: one copy of
 // each (token, kv head) row. k, v (N, Hkv, D) and the caches contiguous in their last dim.
 void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
@@ -218,17 +234,24 @@ void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
   for (int64_t n = 0; n < rows; ++n)
     TORCH_CHECK_VALUE(slots[n] >= 0 && slots[n] < capacity, "slot_mapping[", n, "] = ", slots[n],
                       " is outside the cache's [0, ", capacity, ") slots");
-  for (const auto& [t, cache] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
-    const auto* src = static_cast<const char*>(t->data_ptr());
-    auto* dst = static_cast<char*>(cache->data_ptr());
-    const int64_t size = t->element_size();
-    for (int64_t n = 0; n < rows; ++n) {
-      const int64_t block = slots[n] / block_size, offset = slots[n] % block_size;
-      for (int64_t h = 0; h < heads; ++h)
-        std::memcpy(dst + (block * cache->stride(0) + offset * cache->stride(1) + h * cache->stride(2)) * size,
-                    src + (n * t->stride(0) + h * t->stride(1)) * size, row_bytes);
+  // rows split over the threads (each store waits on memory); cold at B = 32: 44 us -> 30 us by streaming
+  // stores alone, measured with random slots in a 100 MB cache
+  at::parallel_for(0, rows, kStoreRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (const auto& [t, cache] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+      const auto* src = static_cast<const char*>(t->data_ptr());
+      auto* dst = static_cast<char*>(cache->data_ptr());
+      const int64_t size = t->element_size();
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t block = slots[n] / block_size, offset = slots[n] % block_size;
+        for (int64_t h = 0; h < heads; ++h)
+          copy_row(dst + (block * cache->stride(0) + offset * cache->stride(1) + h * cache->stride(2)) * size,
+                   src + (n * t->stride(0) + h * t->stride(1)) * size, row_bytes);
+      }
     }
-  }
+#ifdef MOPE_X86
+    _mm_sfence();  // this thread's streaming stores, before the attention that reads them
+#endif
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -161,14 +161,15 @@ def test_cpu_task_splits(threads, shape):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_writes_each_token_at_its_slot(backend, dtype):
+@pytest.mark.parametrize("dim,num_tokens", [(8, 5), (64, 21)])  # 64: whole cache lines (streaming stores)
+def test_store_kv_writes_each_token_at_its_slot(backend, dtype, dim, num_tokens):
     """K/V of new tokens (v a strided view of a projection output, as the model hands it over) land in
-    the interleaved pool at their slots, nothing else changes."""
+    the interleaved pool at their slots, nothing else changes; 21 tokens split over threads."""
     g = torch.Generator().manual_seed(3)
-    num_blocks, block_size, heads, dim = 5, 4, 2, 8
+    num_blocks, block_size, heads = 8, 4, 2
     pool = torch.randn(num_blocks, 2, block_size, heads, dim, generator=g).to(dtype)
     expected = pool.clone()
-    slots = torch.tensor([17, 0, 3, 9, 19], dtype=torch.int64)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
     k = torch.randn(len(slots), heads, dim, generator=g).to(dtype)
     v = torch.randn(len(slots), 3 * heads, dim, generator=g).to(dtype)[:, heads : 2 * heads]
     for n, slot in enumerate(slots.tolist()):
