@@ -5,9 +5,10 @@
 // reaches). Here W is packed once into column panels of 32 outputs, each panel K x 32 contiguous, so
 // the whole weight is read as one sequential stream, prefetched ahead into L1 and further ahead into L2;
 // a micro-kernel keeps up to 12 rows x 32 outputs of accumulators in AVX-512 registers and reuses each
-// loaded weight vector for every row. Beyond 12 rows, a panel is walked in slices of 128 k (16 KB, in
-// L1) with every 12-row chunk per slice, each chunk prefetching its share of the stream ahead, so the
-// weights keep streaming while the later chunks compute.
+// loaded weight vector for every row (up to 12 rows, x packed k-major first). Beyond 12 rows, a panel is
+// walked in slices of 128 k (16 KB, in L1) with every 12-row chunk per slice, each chunk prefetching its
+// share of the stream ahead, so the weights keep streaming while the later chunks compute. LoRA adapters
+// ride along: their A factors as extra panels, their expands added inside the micro-kernel.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
