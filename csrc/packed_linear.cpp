@@ -316,15 +316,21 @@ void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int6
 }
 #endif
 
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
-                            const c10::optional<torch::Tensor>& bias) {
+// x, the packed weight `name` (packed_outputs rows) and the bias (out_features,), as the GEMMs take them
+void check_gemm_args(const torch::Tensor& x, const torch::Tensor& packed, int64_t packed_outputs, const char* name,
+                     const c10::optional<torch::Tensor>& bias, int64_t out_features) {
   check(supported(), "this CPU has no AVX-512 (use F.linear)");
   check(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.is_contiguous(),
         "x must be a contiguous 2-D fp32 CPU tensor");
-  check_packed(packed, x.size(1), out_features, "packed");
+  check_packed(packed, x.size(1), packed_outputs, name);
   check(!bias || (bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous()
                   && bias->scalar_type() == torch::kFloat32),
         "bias must be a contiguous (" + std::to_string(out_features) + ",) fp32 tensor");
+}
+
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
+                            const c10::optional<torch::Tensor>& bias) {
+  check_gemm_args(x, packed, out_features, "packed", bias, out_features);
   auto y = torch::empty({x.size(0), out_features}, x.options());
 #ifdef MOPE_AVX512
   gemm(x.data_ptr<float>(), x.size(0), x.size(1), packed.data_ptr<float>(), out_features,
@@ -352,13 +358,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   check(expand.dim() == 2 && expand.size(0) == offsets.back() && expand.size(1) == kPanel && expand.is_contiguous()
             && expand.scalar_type() == torch::kFloat32,
         "expand must come from pack_expand of the expand factors with these k_ranges");
-  check(supported(), "this CPU has no AVX-512 (use F.linear)");
-  check(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.is_contiguous(),
-        "x must be a contiguous 2-D fp32 CPU tensor");
-  check_packed(folded, x.size(1), total, "folded");
-  check(!bias || (bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous()
-                  && bias->scalar_type() == torch::kFloat32),
-        "bias must be a contiguous (" + std::to_string(out_features) + ",) fp32 tensor");
+  check_gemm_args(x, folded, total, "folded", bias, out_features);
   const int64_t rows = x.size(0), k_dim = x.size(1);
   check(adapter.dim() == 1 && adapter.size(0) == rows && adapter.scalar_type() == torch::kInt64
             && adapter.is_contiguous(),
