@@ -170,11 +170,14 @@ class RolloutProviders:
     def providers(self, batch: int, new_tokens: int) -> dict[str, Callable[[], None]]:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
         ids = [self.tokenizer.encode(p) for p in prompts]
-        # the bare forwards of one decode step mid-rollout: K experts with logits, the PCM without
-        step = DecodeStep(self.shape, batch, max(map(len, ids)) + new_tokens // 2, self.dtype, self.device)
+        # the bare forwards of one decode step mid-rollout: K experts with logits, the PCM without, each
+        # model over its own K/V (as in the engine: a model's keys and values are its own)
+        models = self.engine.runner.models
+        steps = [DecodeStep(self.shape, batch, max(map(len, ids)) + new_tokens // 2, self.dtype, self.device)
+                 for _ in models]
         return {"ours": partial(engine_rollout, self.engine, self.decode_timer, prompts, new_tokens),
                 "hf-loop": partial(loop_rollout, self.hf_models, self.loop_pcm, ids, new_tokens),
-                "bare": partial(forward_models, step, self.engine.runner.models, self.num_experts)}
+                "bare": partial(forward_models, steps, models, self.num_experts)}
 
 
 def engine_rollout(engine, timer: DecodeTimer, prompts: list[str], new_tokens: int) -> None:
@@ -191,9 +194,10 @@ def loop_rollout(models, pcm: LoopPCM, ids: list[list[int]], new_tokens: int) ->
     assert all(len(r) == new_tokens for r in rows)
 
 
-def forward_models(step: DecodeStep, models, num_with_logits: int) -> None:
-    """One decode step of each model; the first `num_with_logits` (the experts) also compute logits."""
-    for i, model in enumerate(models):
+def forward_models(steps: list[DecodeStep], models, num_with_logits: int) -> None:
+    """One decode step of each model over its own K/V (steps[i]); the first `num_with_logits` (the
+    experts) also compute logits."""
+    for i, (step, model) in enumerate(zip(steps, models, strict=True)):
         step.run(model, logits=i < num_with_logits)
 
 
@@ -241,12 +245,14 @@ class LoRAProviders:
 
     def providers(self, batch: int, context_len: int) -> dict[str, Callable[[], object]]:
         k = self.num_experts
-        one = DecodeStep(self.shape, batch, context_len, self.dtype, self.device)
+        # every expert's rows over their own K/V, as in the engine: full experts one step each, the
+        # adapter experts' k * batch rows in one
+        ones = [DecodeStep(self.shape, batch, context_len, self.dtype, self.device) for _ in range(k)]
         rows = DecodeStep(self.shape, k * batch, context_len, self.dtype, self.device)
         adapter_index = torch.arange(k, device=self.device).repeat_interleave(batch)
         return {"lora-experts": partial(rows.run, self.group, adapter_index=adapter_index),
-                "full-experts": partial(forward_models, one, self.full, k),
-                "merged-single": partial(one.run, self.merged)}
+                "full-experts": partial(forward_models, ones, self.full, k),
+                "merged-single": partial(ones[0].run, self.merged)}
 
 
 @torch.inference_mode()
