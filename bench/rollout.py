@@ -8,7 +8,8 @@ engine's own overhead. Each figure beside its floor.
 
 LoRA experts (issue 5), at the model level: one decode step of K experts' B rows each, as
 `lora-experts` (one base forward of all K*B rows + each adapter's delta), `full-experts` (K models),
-`merged-single` (one model with the adapters averaged: B rows).
+`merged-single` (one model with the adapters averaged: B rows). Every expert's rows attend over their own
+K/V cache, as in the engine.
 
     python bench/rollout.py                 # llama-160m, B in 1 8 32 (rollout) and 1 4 32 (LoRA)
     python bench/rollout.py --smoke         # tiny shape, a few tokens: a fast check that it all runs
