@@ -175,11 +175,21 @@ void check_k_ranges(const torch::Tensor& k_ranges, int64_t out_features, int64_t
     check(0 <= ranges[i] && ranges[i] <= ranges[i + 1] && ranges[i + 1] <= width, "k_ranges out of range");
 }
 
+// Where each (panel p, adapter a) span of pack_expand's rows starts, at [p * L + a]; the last entry is
+// their total
+std::vector<int64_t> span_offsets(const torch::Tensor& k_ranges) {
+  const int64_t spans = k_ranges.numel() / 2;
+  const int64_t* ranges = k_ranges.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(spans + 1, 0);
+  for (int64_t i = 0; i < spans; ++i) offsets[i + 1] = offsets[i] + ranges[2 * i + 1] - ranges[2 * i];
+  return offsets;
+}
+
 // The LoRA expand factors side by side, B = [B_0 .. B_{L-1}] (N, L * width) -> for each 32-output panel p
 // and adapter a in turn, only its columns k_ranges[p, a] = [lo, hi), as (hi - lo) rows of 32 outputs:
 // (sum of hi - lo, 32). A fused projection's B is block-diagonal over its shards, so most columns of a
-// panel are zero; laid out densely the expand reads one stream of just the nonzeros (with them in
-// place, the prefetchers also fetched the zero blocks: 2x the bytes at gate/up, 3x at q/k/v).
+// panel are zero; laid out densely, the micro-kernel's spans walk one stream of just the nonzeros, in
+// order (half the memory; on its own measured no faster than the zeros in place, bench/README.md).
 torch::Tensor pack_expand(const torch::Tensor& weight, const torch::Tensor& k_ranges) {
   check(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu(),
         "weight must be a 2-D fp32 CPU tensor");
@@ -188,9 +198,7 @@ torch::Tensor pack_expand(const torch::Tensor& weight, const torch::Tensor& k_ra
   check_k_ranges(k_ranges, n, width);
   const auto w = weight.contiguous();
   const int64_t* ranges = k_ranges.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t i = 0; i < k_ranges.numel(); i += 2) total += ranges[i + 1] - ranges[i];
-  auto packed = packed_empty({total, kPanel});
+  auto packed = packed_empty({span_offsets(k_ranges).back(), kPanel});
   float* out = packed.data_ptr<float>();
   const float* src = w.data_ptr<float>();
   for (int64_t p = 0; p < k_ranges.size(0); ++p)
@@ -232,8 +240,8 @@ void in_parallel(int64_t work, const Body& body) {
 #endif
 }
 
-// [begin, end): thread t's share of n items
-std::pair<int64_t, int64_t> share(int64_t n, int t, int threads) {
+// [begin, end): thread t's part of n items
+std::pair<int64_t, int64_t> thread_range(int64_t n, int t, int threads) {
   const int64_t each = (n + threads - 1) / threads;
   return {std::min(n, t * each), std::min(n, (t + 1) * each)};
 }
@@ -310,7 +318,7 @@ void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int6
   const int64_t panels = (out_features + kPanel - 1) / kPanel;
   in_parallel(panels, [&](int t, int threads) {
     const float* xk = rows_for_kernel(x, rows, k_dim);  // each thread its own: a few us, and no barrier
-    const auto [begin, end] = share(panels, t, threads);
+    const auto [begin, end] = thread_range(panels, t, threads);
     gemm_panels(x, xk, rows, k_dim, packed, begin, end, out_features, bias, y, ldy, 0, nullptr);
   });
 }
@@ -353,8 +361,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   check_k_ranges(k_ranges, out_features, width);
   const int64_t* ranges = k_ranges.data_ptr<int64_t>();
   const int64_t panels = k_ranges.size(0);
-  std::vector<int64_t> offsets(panels * num_adapters + 1, 0);  // where each (panel, adapter) span starts
-  for (int64_t i = 0; i < panels * num_adapters; ++i) offsets[i + 1] = offsets[i] + ranges[2 * i + 1] - ranges[2 * i];
+  const std::vector<int64_t> offsets = span_offsets(k_ranges);
   check(expand.dim() == 2 && expand.size(0) == offsets.back() && expand.size(1) == kPanel && expand.is_contiguous()
             && expand.scalar_type() == torch::kFloat32,
         "expand must come from pack_expand of the expand factors with these k_ranges");
@@ -378,7 +385,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   const float *x_data = x.data_ptr<float>(), *packed = folded.data_ptr<float>();
   in_parallel((out_features + kPanel - 1) / kPanel, [&](int t, int threads) {
     const float* xk = rows_for_kernel(x_data, rows, k_dim);
-    const auto [begin, end] = share(shrink_panels, t, threads);
+    const auto [begin, end] = thread_range(shrink_panels, t, threads);
     gemm_panels(x_data, xk, rows, k_dim, packed, first_shrink + begin, first_shrink + end, total, nullptr,
                 shrink.data(), ld_shrink, first_shrink * kPanel, nullptr);
 #pragma omp barrier
@@ -388,7 +395,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
       for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
         masked[(r / kMaxRows * k_all + j) * kMaxRows + r % kMaxRows] = shrink[r * ld_shrink + shrink_col + j];
     const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
-    const auto [first, last] = share(panels, t, threads);
+    const auto [first, last] = thread_range(panels, t, threads);
     gemm_panels(x_data, xk, rows, k_dim, packed, first, last, out_features, bias ? bias->data_ptr<float>() : nullptr,
                 y.data_ptr<float>(), out_features, 0, &lora);
   });
