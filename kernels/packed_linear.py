@@ -85,11 +85,9 @@ def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tenso
     _require_available()
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
         raise ValueError(f"adapter_index must be ({x.shape[0]},), got {describe(adapter_index)}")
-    if adapter_index.dtype != torch.int64 or not adapter_index.is_contiguous():
-        adapter_index = adapter_index.to(torch.int64).contiguous()
     return load_cpp("packed_linear").packed_lora_linear(
-        _checked_rows(x), folded, out_features, bias, adapter_index, expand.panels, expand.k_ranges,
-        expand.width)
+        _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(),
+        expand.panels, expand.k_ranges, expand.width)
 
 
 def _checked_rows(x: Tensor) -> Tensor:
@@ -98,7 +96,7 @@ def _checked_rows(x: Tensor) -> Tensor:
         raise ValueError(f"x must be a 2-D float32 CPU tensor, got {describe(x)}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows; packed_linear serves at most {MAX_ROWS} (use F.linear)")
-    return x if x.is_contiguous() else x.contiguous()
+    return x.contiguous()
 
 
 def _require_available() -> None:
