@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -227,16 +228,23 @@ void pack_rows(const float* x, int64_t rows, int64_t k_dim, float* xk) {
     for (int64_t r = 0; r < rows; ++r) xk[k * kMaxRows + r] = x[r * k_dim + k];
 }
 
-// body(thread, threads) on up to `work` threads of torch's pool (one inside a parallel region): one
-// OpenMP region, whose threads may meet at `#pragma omp barrier`.
-template <typename Body>
-void in_parallel(int64_t work, const Body& body) {
+// Threads for `work` items: torch's pool, at most one per item (one inside a parallel region)
+int region_threads(int64_t work) {
 #ifdef _OPENMP
-  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), work));
-#pragma omp parallel num_threads(std::max(threads, 1))
-  body(omp_get_thread_num(), omp_get_num_threads());
+  return at::in_parallel_region() ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work)));
 #else
-  body(0, 1);
+  return 1;
+#endif
+}
+
+// body(thread) on `threads` threads: one OpenMP region, whose threads may meet at `#pragma omp barrier`.
+template <typename Body>
+void in_parallel(int threads, const Body& body) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num());
+#else
+  body(0);
 #endif
 }
 
@@ -245,6 +253,60 @@ std::pair<int64_t, int64_t> thread_range(int64_t n, int t, int threads) {
   const int64_t each = (n + threads - 1) / threads;
   return {std::min(n, t * each), std::min(n, (t + 1) * each)};
 }
+
+// Panels [begin, end) shared by the threads of a region: each thread takes the panels of its own contiguous
+// run in order (one weight stream), then, once its run is done, single panels from the end of the run with
+// the most left. With fixed runs, whichever core the machine slowed held up the call while the other sat
+// idle: measured 0.2-4.7 ms of waiting per 48 projections at 4-32 rows (bench/README.md, decode-size linear).
+class PanelQueue {
+ public:
+  PanelQueue(int64_t begin, int64_t end, int threads) : runs_(threads) {
+    for (int t = 0; t < threads; ++t) {
+      const auto [first, last] = thread_range(end - begin, t, threads);
+      runs_[t].range.store(pack(begin + first, begin + last));
+    }
+  }
+
+  // The next panel for thread t; -1 when every panel is taken
+  int64_t next(int t) {
+    const int64_t own = take(runs_[t], true);
+    if (own >= 0) return own;
+    while (true) {
+      Run* victim = nullptr;
+      uint64_t most = 0;
+      for (Run& run : runs_) {
+        const uint64_t range = run.range.load(std::memory_order_relaxed);
+        if ((range & kMask) > (range >> 32) && (range & kMask) - (range >> 32) > most) {
+          most = (range & kMask) - (range >> 32);
+          victim = &run;
+        }
+      }
+      if (victim == nullptr) return -1;
+      const int64_t stolen = take(*victim, false);
+      if (stolen >= 0) return stolen;
+    }
+  }
+
+ private:
+  static constexpr uint64_t kMask = 0xffffffffu;
+  struct alignas(64) Run {
+    std::atomic<uint64_t> range{0};  // next << 32 | end
+  };
+  std::vector<Run> runs_;
+
+  static uint64_t pack(int64_t next, int64_t end) { return uint64_t(next) << 32 | uint64_t(end); }
+
+  // The run's first (front) or last panel, taken; -1 when it has none left
+  static int64_t take(Run& run, bool front) {
+    uint64_t range = run.range.load(std::memory_order_relaxed);
+    while (true) {
+      const uint64_t next = range >> 32, end = range & kMask;
+      if (next >= end) return -1;
+      if (run.range.compare_exchange_weak(range, front ? pack(next + 1, end) : pack(next, end - 1)))
+        return int64_t(front ? next : end - 1);
+    }
+  }
+};
 
 // The LoRA expand of a GEMM's panels: per 12-row chunk c, the shrink values k-major with each row's own
 // adapter's columns only (masked + c * L * width * kMaxRows), and per panel and adapter the span of
@@ -270,15 +332,15 @@ struct Expand {
   }
 };
 
-// One thread's panels [begin, end) of y = x (rows x k_dim) @ W^T + bias (+ the expand), W as panels;
-// panel p's outputs (at most col_limit - 32p) go to y + 32p - first_col. xk: x packed by pack_rows when
-// rows <= kMaxRows.
-void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, const float* packed, int64_t begin,
-                 int64_t end, int64_t col_limit, const float* bias, float* y, int64_t ldy, int64_t first_col,
+// Thread t's panels from `queue` of y = x (rows x k_dim) @ W^T + bias (+ the expand), W as panels; panel
+// p's outputs (at most col_limit - 32p) go to y + 32p - first_col. xk: x packed by pack_rows when rows <=
+// kMaxRows.
+void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, const float* packed, PanelQueue& queue,
+                 int t, int64_t col_limit, const float* bias, float* y, int64_t ldy, int64_t first_col,
                  const Expand* expand) {
   const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
   std::vector<Span> spans(expand ? expand->num_adapters : 0);
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t p = queue.next(t); p >= 0; p = queue.next(t)) {
     const int64_t cols = std::min(kPanel, col_limit - p * kPanel);
     const float* panel_bias = bias ? bias + p * kPanel : nullptr;
     float* y_panel = y + p * kPanel - first_col;
@@ -316,10 +378,11 @@ const float* rows_for_kernel(const float* x, int64_t rows, int64_t k_dim) {
 void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int64_t out_features,
           const float* bias, float* y, int64_t ldy) {
   const int64_t panels = (out_features + kPanel - 1) / kPanel;
-  in_parallel(panels, [&](int t, int threads) {
+  const int threads = region_threads(panels);
+  PanelQueue queue(0, panels, threads);
+  in_parallel(threads, [&](int t) {
     const float* xk = rows_for_kernel(x, rows, k_dim);  // each thread its own: a few us, and no barrier
-    const auto [begin, end] = thread_range(panels, t, threads);
-    gemm_panels(x, xk, rows, k_dim, packed, begin, end, out_features, bias, y, ldy, 0, nullptr);
+    gemm_panels(x, xk, rows, k_dim, packed, queue, t, out_features, bias, y, ldy, 0, nullptr);
   });
 }
 #endif
@@ -383,11 +446,12 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   const int64_t ld_shrink = shrink_panels * kPanel, shrink_col = out_features - first_shrink * kPanel;
   std::vector<float> shrink(rows * ld_shrink);
   const float *x_data = x.data_ptr<float>(), *packed = folded.data_ptr<float>();
-  in_parallel((out_features + kPanel - 1) / kPanel, [&](int t, int threads) {
+  const int threads = region_threads(panels);
+  PanelQueue shrink_queue(first_shrink, first_shrink + shrink_panels, threads), queue(0, panels, threads);
+  in_parallel(threads, [&](int t) {
     const float* xk = rows_for_kernel(x_data, rows, k_dim);
-    const auto [begin, end] = thread_range(shrink_panels, t, threads);
-    gemm_panels(x_data, xk, rows, k_dim, packed, first_shrink + begin, first_shrink + end, total, nullptr,
-                shrink.data(), ld_shrink, first_shrink * kPanel, nullptr);
+    gemm_panels(x_data, xk, rows, k_dim, packed, shrink_queue, t, total, nullptr, shrink.data(), ld_shrink,
+                first_shrink * kPanel, nullptr);
 #pragma omp barrier
     thread_local std::vector<float> masked;  // this thread's: chunks x k_all x kMaxRows
     masked.assign(chunks * k_all * kMaxRows, 0.0f);
@@ -395,8 +459,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
       for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
         masked[(r / kMaxRows * k_all + j) * kMaxRows + r % kMaxRows] = shrink[r * ld_shrink + shrink_col + j];
     const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
-    const auto [first, last] = thread_range(panels, t, threads);
-    gemm_panels(x_data, xk, rows, k_dim, packed, first, last, out_features, bias ? bias->data_ptr<float>() : nullptr,
+    gemm_panels(x_data, xk, rows, k_dim, packed, queue, t, out_features, bias ? bias->data_ptr<float>() : nullptr,
                 y.data_ptr<float>(), out_features, 0, &lora);
   });
 #endif

@@ -1,11 +1,17 @@
 """packed_linear (the CPU GEMM for few rows over a packed weight) against F.linear, and engine/linear.py's
 dispatch: our kernel where it runs, MKL's packed GEMM otherwise, F.linear beyond the packed paths."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from mope.engine import linear
 from mope.kernels import packed_linear
+
+from tests.helpers import ROOT
 
 needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_linear needs an AVX-512 CPU")
 
@@ -25,6 +31,29 @@ def test_matches_f_linear(rows, out_features, in_features):
     torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features), F.linear(x, weight))
     torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features, bias),
                                F.linear(x, weight, bias))
+
+
+@needs_packed
+def test_a_missing_threads_panels_are_taken_by_the_others():
+    """The threads split the panels into contiguous runs and, once through their own, take panels from the
+    end of the others' runs. With OpenMP held to one thread while torch's pool has two, thread 0 must take
+    all of thread 1's run that way: plain and LoRA results must still be right. A fresh process: OpenMP
+    reads the limit at start."""
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from tests.test_packed_linear import test_matches_f_linear\n"
+        "from tests.test_lora_kernels import test_packed_lora_linear_matches_dense_per_row\n"
+        "for rows in (4, 12, 31):\n"
+        "    test_matches_f_linear(rows, 2304, 768)\n"
+        "    test_matches_f_linear(rows, 70, 80)\n"
+        "for rows in (12, 37):\n"
+        "    test_packed_lora_linear_matches_dense_per_row(rows, True)\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @needs_packed
