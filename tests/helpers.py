@@ -3,6 +3,7 @@ of the benchmark scripts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,9 +121,15 @@ def save_adapter(base_dir, out_dir, seed: int, **lora_settings):
     return out_dir
 
 
-def run_bench_smoke(script: str, *args: str, timeout: int = 300) -> list[str]:
-    """Run `bench/<script> --smoke *args` from the repository root; asserts it exits 0; its stdout lines."""
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
-                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_python(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> list[str]:
+    """Run `python *args` in a fresh process from the repository root, with `env` added to the environment;
+    asserts it exits 0; its stdout lines."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                            cwd=ROOT, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()
+
+
+def run_bench_smoke(script: str, *args: str, timeout: int = 300) -> list[str]:
+    """Run `bench/<script> --smoke *args` from the repository root; asserts it exits 0; its stdout lines."""
+    return run_python([str(ROOT / "bench" / script), "--smoke", *args], timeout=timeout)

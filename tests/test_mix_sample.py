@@ -7,11 +7,7 @@ instead of 20,000 draws.
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +18,8 @@ from mope.kernels.mix_reference import mix_sample_reference
 from mope.kernels.philox import philox_uniform
 from mope.kernels.validate import validate_mix_sample_args
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_python
+
 mix_sample_module = importlib.import_module("mope.kernels.mix_sample")
 HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
 BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
@@ -161,10 +158,7 @@ def test_cpu_portable_exp_path_matches_reference():
         "        assert_matches_reference(run(case, 'cpu', mode), reference(case, mode), dtype)\n"
         "test_cpu_threshold_search_paths_match_reference()\n"
     )
-    env = {**os.environ, "MOPE_DISABLE_AVX512": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(["-c", script], env={"MOPE_DISABLE_AVX512": "1"})
 
 
 @pytest.mark.parametrize("mode", ["prob", "logit"])

@@ -1,17 +1,13 @@
 """packed_linear (the CPU GEMM for few rows over a packed weight) against F.linear, and engine/linear.py's
 dispatch: our kernel where it runs, MKL's packed GEMM otherwise, F.linear beyond the packed paths."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from mope.engine import linear
 from mope.kernels import packed_linear
 
-from tests.helpers import ROOT
+from tests.helpers import run_python
 
 needs_packed = pytest.mark.skipif(not packed_linear.available(), reason="packed_linear needs an AVX-512 CPU")
 
@@ -50,10 +46,7 @@ def test_a_missing_threads_panels_are_taken_by_the_others():
         "for rows in (12, 37):\n"
         "    test_packed_lora_linear_matches_dense_per_row(rows, True)\n"
     )
-    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(["-c", script], env={"OMP_THREAD_LIMIT": "1"})
 
 
 @needs_packed
