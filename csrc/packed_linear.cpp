@@ -275,9 +275,9 @@ class PanelQueue {
       Run* victim = nullptr;
       uint64_t most = 0;
       for (Run& run : runs_) {
-        const uint64_t range = run.range.load(std::memory_order_relaxed);
-        if ((range & kMask) > (range >> 32) && (range & kMask) - (range >> 32) > most) {
-          most = (range & kMask) - (range >> 32);
+        const uint64_t range = run.range.load(std::memory_order_relaxed), next = range >> 32, end = range & kMask;
+        if (end > next && end - next > most) {
+          most = end - next;
           victim = &run;
         }
       }
