@@ -12,15 +12,19 @@ plain F.linear.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from mope.kernels import packed_linear
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 PACKED_MAX_ROWS = packed_linear.MAX_ROWS
 MKL_PACK_ROWS = 32  # the row count MKL is told when packing; the packed weight serves any count
-_packed = WeakIdKeyDictionary()  # weight -> (its version when packed, packed copy)
+# id(weight) -> (a weak reference to it, its version when packed, the packed copy); the entry leaves with
+# the weight. A plain dict: torch's WeakIdKeyDictionary makes a weak reference on every lookup, which cost
+# ~15 us a call in a decode step, whose GEMMs had just evicted Python's objects (bench/README.md).
+_packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 _HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
@@ -35,11 +39,15 @@ def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
 def takes_packed_path(x: Tensor, weight: Tensor) -> bool:
     """Whether `fast_linear(x, weight)` multiplies by a packed copy of the weight."""
+    return x.dim() == 2 and rows_take_packed_path(x.shape[0], x.device, x.dtype, weight)
+
+
+def rows_take_packed_path(rows: int, device: torch.device, dtype: torch.dtype, weight: Tensor) -> bool:
+    """`takes_packed_path` for an x of `rows` rows of `dtype` on `device`."""
     return (
-        x.dim() == 2
-        and x.shape[0] <= PACKED_MAX_ROWS
-        and x.is_cpu
-        and x.dtype == weight.dtype == torch.float32
+        rows <= PACKED_MAX_ROWS
+        and device.type == "cpu"
+        and dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
         and not weight.is_inference()
         and (_HAS_MKL or packed_linear.available())
@@ -48,13 +56,14 @@ def takes_packed_path(x: Tensor, weight: Tensor) -> bool:
 
 def packed_weight(weight: Tensor) -> Tensor:
     """The packed copy of `weight` for this machine's kernel, made once per weight version."""
-    entry = _packed.get(weight)
-    if entry is None or entry[0] != weight._version:
-        packed = (packed_linear.pack_weight(weight) if packed_linear.available()
-                  else torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_PACK_ROWS))
-        entry = (weight._version, packed)
-        _packed[weight] = entry
-    return entry[1]
+    key = id(weight)
+    entry = _packed.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2]
+    packed = (packed_linear.pack_weight(weight) if packed_linear.available()
+              else torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_PACK_ROWS))
+    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), weight._version, packed)
+    return packed
 
 
 class Linear(nn.Linear):

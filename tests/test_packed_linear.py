@@ -1,6 +1,8 @@
 """packed_linear (the CPU GEMM for few rows over a packed weight) against F.linear, and engine/linear.py's
 dispatch: our kernel where it runs, MKL's packed GEMM otherwise, F.linear beyond the packed paths."""
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,13 +85,13 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
     if ours and not packed_linear.available():
         pytest.skip("packed_linear needs an AVX-512 CPU")
     monkeypatch.setattr(packed_linear, "available", lambda: ours)
-    monkeypatch.setattr(linear, "_packed", type(linear._packed)())
+    monkeypatch.setattr(linear, "_packed", {})
     layer = linear.Linear(48, 40, bias=True)
     for rows in (1, 7, 32, 256, 300):
         x = torch.randn(rows, 48)
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-    packed = linear._packed.get(layer.weight)[1]
+    packed = linear._packed[id(layer.weight)][2]
     assert packed.shape == (2, 48, 32) if ours else packed.shape != (2, 48, 32)
     x = torch.randn(16, 48)
     with torch.no_grad():
@@ -98,3 +100,7 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     layer(x).sum().backward()  # with autograd on it is a differentiable F.linear
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(40, 48))
+    key = id(layer.weight)
+    del layer
+    gc.collect()
+    assert key not in linear._packed  # the packed copy leaves with its weight
