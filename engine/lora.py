@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .context import AttentionContext
-from .linear import packed_weight, takes_packed_path
+from .linear import packed_weight, rows_take_packed_path
 from .model import PACKED_MODULES, CausalLM
 
 CONFIG_FILE = "adapter_config.json"
@@ -219,9 +219,13 @@ def _projection_parent(model: CausalLM, layer: int, fused: str) -> nn.Module:
 
 
 class StepRows:
-    """The adapter of each row of the step being run, shared by a group's projections (None: no step)."""
+    """The step being run, shared by a group's projections: each row's adapter (None: no step), and whether
+    they take the packed CPU path. That is decided once per step (every projection of a step sees the same
+    rows, dtype and device): per call, the checks cost ~10 us in a decode step, whose GEMMs had just
+    evicted Python's objects from the caches (bench/README.md, LoRA experts)."""
 
     rows: LoRARows | None = None
+    packed: bool = False
 
 
 class LoRALinear(nn.Module):
@@ -241,22 +245,23 @@ class LoRALinear(nn.Module):
         weight = base_layer.weight
         self.folded_weight = torch.cat([weight.detach(), lora.a.reshape(-1, weight.shape[1])])
         weight.data = self.folded_weight[: weight.shape[0]]  # shares storage and version counter
-        self._packed_expand: packed_linear.PackedExpand | None = None  # made on first use (CPU only)
+        # (out_features, bias, packed expand) for the packed path, made on its first use (CPU only)
+        self._packed: tuple[int, Tensor | None, packed_linear.PackedExpand] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = self.step.rows
-        if rows is None:
+        step = self.step
+        if step.rows is None:
             return self.base_layer(x)
-        base = self.base_layer
-        if not (self.backend == "auto" and packed_linear.available()
-                and takes_packed_path(x, self.folded_weight)):
-            return add_lora(base(x), x, self.lora.a, self.lora.b, rows, backend=self.backend)
-        if self._packed_expand is None:  # [B_0 .. B_{L-1}] side by side, (out, L * width)
+        if not step.packed:
+            return add_lora(self.base_layer(x), x, self.lora.a, self.lora.b, step.rows, backend=self.backend)
+        if self._packed is None:  # the expand: [B_0 .. B_{L-1}] side by side, (out, L * width)
             num_adapters, out_features, width = self.lora.b.shape
             expand = self.lora.b.permute(1, 0, 2).reshape(out_features, num_adapters * width)
-            self._packed_expand = packed_linear.pack_lora_expand(expand, num_adapters)
-        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), base.out_features,
-                                                base.bias, rows.adapter_index, self._packed_expand)
+            packed_expand = packed_linear.pack_lora_expand(expand, num_adapters)
+            self._packed = (self.base_layer.out_features, self.base_layer.bias, packed_expand)
+        out_features, bias, expand = self._packed
+        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), out_features, bias,
+                                                step.rows.adapter_index, expand)
 
 
 class LoRAGroup(nn.Module):
@@ -283,7 +288,7 @@ class LoRAGroup(nn.Module):
             deep = [layer for layer, _ in adapter.weights if layer >= len(layers)]
             if deep:
                 raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {len(layers)}")
-        self.step = StepRows()
+        self.step, self.backend = StepRows(), backend
         self.stacks: dict[tuple[int, str], StackedLoRA] = {}
         for i in range(len(layers)):
             for fused, shards in FUSED_SHARDS.items():
@@ -292,6 +297,9 @@ class LoRAGroup(nn.Module):
                 if stacked is not None:
                     self.stacks[(i, fused)] = stacked
                     set_projection(base, i, fused, LoRALinear(linear, stacked, self.step, backend))
+        # one projection's folded weight: all have the base's dtype and device (for `takes_packed_path`)
+        projections = (m for m in base.modules() if isinstance(m, LoRALinear))
+        self._folded_weight = next((m.folded_weight for m in projections), None)
 
     @property
     def num_adapters(self) -> int:
@@ -308,6 +316,7 @@ class LoRAGroup(nn.Module):
         if adapter_index.shape != input_ids.shape:
             raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
         self.step.rows = LoRARows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
+        self.step.packed = self.takes_packed_path(len(input_ids), input_ids.device)
         try:
             return self.base(input_ids, positions, ctx, kv_cache)
         finally:
@@ -315,6 +324,12 @@ class LoRAGroup(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.base.compute_logits(hidden)
+
+    def takes_packed_path(self, rows: int, device: torch.device) -> bool:
+        """Whether a step of `rows` tokens on `device` runs every projection by `packed_lora_linear` (CPU)."""
+        folded = self._folded_weight
+        return (self.backend == "auto" and folded is not None and packed_linear.available()
+                and rows_take_packed_path(rows, device, folded.dtype, folded))
 
     @torch.no_grad()
     def merge_into(self, model: CausalLM, mix: list[float]) -> None:

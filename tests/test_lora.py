@@ -116,13 +116,34 @@ def test_adapter_rows_match_merged_checkpoints(checkpoints, backend):
         expected = PagedDecoder(base.config, 1, 32).step(lambda *a, m=expert: m.compute_logits(m(*a)),
                                                          [chunks[row]], is_prefill=True)
         torch.testing.assert_close(logits[row], expected[0], atol=2e-5, rtol=1e-5)
-    folded = [m._packed_expand is not None for m in base.modules() if isinstance(m, LoRALinear)]
+    folded = [m._packed is not None for m in base.modules() if isinstance(m, LoRALinear)]
     assert folded and all(folded) == (backend == "auto" and packed_linear.available())
     group.remove()
     plain = PagedDecoder(base.config, 1, 32).step(lambda *a: base.compute_logits(base(*a)), [chunks[0]], True)
     expected = PagedDecoder(base.config, 1, 32).step(lambda *a: experts[-1].compute_logits(experts[-1](*a)),
                                                      [chunks[0]], True)
     torch.testing.assert_close(plain, expected, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_the_packed_path_is_chosen_per_step(checkpoints):
+    """A step takes the folded GEMM on CPU up to 256 rows, in inference, with backend "auto"; a longer
+    prefill (base layer + add_lora) in the same group gives the torch backend's logits."""
+    base_dir, adapter_dirs, _ = checkpoints
+    auto = LoRAGroup(load_model(base_dir), adapter_dirs, base_path=base_dir)
+    reference = LoRAGroup(load_model(base_dir), adapter_dirs, base_path=base_dir, backend="torch")
+    cpu = torch.device("cpu")
+    assert auto.takes_packed_path(256, cpu) == packed_linear.available()
+    assert not auto.takes_packed_path(257, cpu) and not reference.takes_packed_path(8, cpu)
+    with torch.enable_grad():
+        assert not auto.takes_packed_path(8, cpu)
+    long_prompts = [torch.randint(3, 300, (150,), generator=torch.Generator().manual_seed(1)), *prompts()] * 2
+    row_adapters = [0, 1, -1, 0, 1, -1]
+    for chunks in (prompts() * 3, long_prompts):  # 42 rows, then 328
+        got = PagedDecoder(auto.config, len(chunks), 160).step(group_forward(auto, row_adapters), chunks, True)
+        expected = PagedDecoder(auto.config, len(chunks), 160).step(group_forward(reference, row_adapters),
+                                                                    chunks, True)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
 @torch.no_grad()
