@@ -23,7 +23,7 @@ PACKED_MAX_ROWS = packed_linear.MAX_ROWS
 MKL_PACK_ROWS = 32  # the row count MKL is told when packing; the packed weight serves any count
 # id(weight) -> (a weak reference to it, its version when packed, the packed copy); the entry leaves with
 # the weight. A plain dict: torch's WeakIdKeyDictionary makes a weak reference on every lookup, which cost
-# ~15 us a call in a decode step, whose GEMMs had just evicted Python's objects (bench/README.md).
+# ~4 us a call in a decode step, whose GEMMs had just evicted Python's objects (bench/README.md).
 _packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 _HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
