@@ -140,9 +140,9 @@ def test_the_packed_path_is_chosen_per_step(checkpoints):
     long_prompts = [torch.randint(3, 300, (150,), generator=torch.Generator().manual_seed(1)), *prompts()] * 2
     row_adapters = [0, 1, -1, 0, 1, -1]
     for chunks in (prompts() * 3, long_prompts):  # 42 rows, then 328
-        got = PagedDecoder(auto.config, len(chunks), 160).step(group_forward(auto, row_adapters), chunks, True)
-        expected = PagedDecoder(auto.config, len(chunks), 160).step(group_forward(reference, row_adapters),
-                                                                    chunks, True)
+        got, expected = (PagedDecoder(auto.config, len(chunks), 160).step(group_forward(group, row_adapters),
+                                                                          chunks, is_prefill=True)
+                         for group in (auto, reference))
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
