@@ -12,6 +12,7 @@ plain F.linear.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -62,7 +63,8 @@ def packed_weight(weight: Tensor) -> Tensor:
         return entry[2]
     packed = (packed_linear.pack_weight(weight) if packed_linear.available()
               else torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_PACK_ROWS))
-    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), weight._version, packed)
+    forget = functools.partial(_packed.pop, key, None)  # bound to this dict: it runs when the weight dies
+    _packed[key] = (weakref.ref(weight, lambda _: forget()), weight._version, packed)
     return packed
 
 
