@@ -12,7 +12,6 @@ plain F.linear.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -63,8 +62,9 @@ def packed_weight(weight: Tensor) -> Tensor:
         return entry[2]
     packed = (packed_linear.pack_weight(weight) if packed_linear.available()
               else torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_PACK_ROWS))
-    forget = functools.partial(_packed.pop, key, None)  # bound to this dict: it runs when the weight dies
-    _packed[key] = (weakref.ref(weight, lambda _: forget()), weight._version, packed)
+    # the callback runs when the weight dies; it is bound to this dict (no global lookup then, e.g. at exit)
+    ref = weakref.ref(weight, lambda _, cache=_packed: cache.pop(key, None))
+    _packed[key] = (ref, weight._version, packed)
     return packed
 
 
