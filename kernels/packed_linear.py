@@ -2,7 +2,7 @@
 
 A decode step multiplies a handful of rows by every weight, so its speed is the speed of reading the
 weights. `pack_weight(w)` lays W out as 32-output panels read in one sequential, prefetched stream;
-`packed_linear(x, packed, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
+`packed_linear(x, packed, out_features, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
 `packed_lora_linear` the same layer plus each row's own LoRA adapter (the engine's CPU path for adapter
 experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/linear.py`).
 The torch reference is `F.linear`. `available()` is False without a C++ compiler or without AVX-512;

@@ -11,6 +11,9 @@ from pathlib import Path
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
+# eval options a train config also sets, with their defaults when neither the command line nor a config does
+EVAL_CONFIG_KEYS = {"device": "cpu", "dtype": "float32", "mix_mode": "prob", "max_tokens": 128,
+                    "preferences": None, "preferences_file": None, "reference": "uniform"}
 
 
 def add_engine_args(p: argparse.ArgumentParser, experts_required: bool = True) -> None:
@@ -22,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser, experts_required: bool = True) -
     p.add_argument("--mix-mode", default="prob", choices=("prob", "logit"),
                    help="prob: weighted mixture of distributions (the paper); logit: geometric mixture")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens per response (default: 128)")
+    p.add_argument("--preferences-file", metavar="FILE",
+                   help="a preferences.json of your own dimensions (default: the packaged six)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="compare the PCM with uniform weights, single experts and prompting",
                         description="Mean BT-normalised reward per preference combination of: the PCM, "
-                        "MPD (Uniform), each single expert, and preference prompting of one expert.")
+                        "MPD (Uniform), each single expert, and preference prompting of one expert. "
+                        "With --config, options not given take the run's values.")
     add_engine_args(ev, experts_required=False)
-    ev.add_argument("--config", metavar="FILE", help="a train config: experts, rewards, and by default "
-                    "the PCM of its latest checkpoint")
+    ev.add_argument("--config", metavar="FILE", help="a train config: experts, rewards, the PCM of its "
+                    "latest checkpoint, and its device, dtype, mix_mode, max_tokens, preferences, "
+                    "preferences_file and reference, unless given here")
     ev.add_argument("--rewards", metavar="FILE", help="YAML/JSON map dimension code -> reward spec")
     ev.add_argument("--prompts-file", metavar="FILE",
                     help="JSON prompt file (default: the packaged Koala 50)")
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompting-expert", type=int, default=0, help="expert used for preference prompting")
     ev.add_argument("--limit", type=int, help="evaluate the first N prompts only")
     ev.add_argument("--output", default="eval.json", metavar="FILE", help="JSON report (default: eval.json)")
-    ev.set_defaults(func=cmd_eval)
+    # None = not given: the config's value, else the default in the help (resolved by cmd_eval)
+    ev.set_defaults(func=cmd_eval, **dict.fromkeys(EVAL_CONFIG_KEYS))
 
     try:
         importlib.import_module("mope.demo.cli").add_parser(sub)
@@ -99,7 +107,14 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def make_engine(args, experts: list[str], pcm=None):
+def registry_of(args):
+    """The dimensions of --preferences-file, or None (the PCM's own, else the packaged ones)."""
+    from mope.preferences import load_registry
+
+    return load_registry(args.preferences_file) if args.preferences_file else None
+
+
+def make_engine(args, experts: list[str], pcm=None, registry=None):
     import torch
 
     from mope.api import Engine
@@ -112,14 +127,14 @@ def make_engine(args, experts: list[str], pcm=None):
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return Engine(experts, pcm=pcm, device=args.device, dtype=getattr(torch, args.dtype),
-                  mix_mode=args.mix_mode)
+                  mix_mode=args.mix_mode, registry=registry)
 
 
 def cmd_generate(args) -> None:
     from mope.engine.sampling_params import SamplingParams
 
     prompts = read_prompts(args)
-    engine = make_engine(args, args.experts, args.pcm)
+    engine = make_engine(args, args.experts, args.pcm, registry_of(args))
     texts = prompts if args.raw else engine.format_prompts(prompts)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, seed=args.seed)
@@ -176,7 +191,7 @@ def cmd_eval(args) -> None:
     from mope.rewards import build_reward_model
     from mope.trainer import load_prompt_records
 
-    experts, pcm, reward_specs = args.experts, args.pcm, None
+    experts, pcm, reward_specs, config = args.experts, args.pcm, None, None
     if args.config:
         from mope.config import TrainConfig
 
@@ -184,6 +199,9 @@ def cmd_eval(args) -> None:
         experts, reward_specs = experts or config.experts, config.rewards
         checkpoint = latest_checkpoint(config.output_dir)
         pcm = pcm or (str(checkpoint / "pcm") if checkpoint else None)
+    for key, default in EVAL_CONFIG_KEYS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(config, key) if config is not None else default)
     if args.rewards:
         reward_specs = read_mapping(args.rewards)
     if not experts or not reward_specs:
@@ -201,7 +219,7 @@ def cmd_eval(args) -> None:
         reference = "field"
     elif reference != "uniform":
         raise ValueError(f"--reference must be 'uniform' or 'field:NAME', got {args.reference!r}")
-    engine = make_engine(args, experts, pcm)
+    engine = make_engine(args, experts, pcm, registry_of(args))
     prefs = [engine.registry.parse(p) for p in args.preferences] if args.preferences else \
         engine.registry.combinations()
     scorers = {code: build_reward_model(spec) for code, spec in reward_specs.items()}

@@ -81,6 +81,28 @@ def test_train_then_eval(setup, tmp_path, capsys):
     assert UNIFORM_METHOD in capsys.readouterr().out
 
 
+def test_eval_takes_the_configs_settings_unless_given(setup, tmp_path, monkeypatch):
+    import mope.cli
+
+    config = make_config(setup, tmp_path / "run", mix_mode="logit", max_tokens=3, dtype="float16",
+                         preferences=["P1A,P2B,P3A"], reference="field:ref").to_dict()
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    seen = {}
+
+    def stop(args, experts, pcm, registry):
+        seen.update(vars(args), registry=registry)
+        raise ValueError("stopped before building the engine")
+
+    monkeypatch.setattr(mope.cli, "make_engine", stop)
+    given = ["eval", "--config", str(tmp_path / "cfg.yaml"), "--limit", "1"]
+    assert main([*given, "--dtype", "float32"]) == 2
+    assert (seen["mix_mode"], seen["max_tokens"], seen["dtype"]) == ("logit", 3, "float32")
+    assert seen["preferences"] == ["P1A,P2B,P3A"] and seen["reference"] == "field:ref"
+    assert seen["registry"].parse("P1A,P2B,P3A").active_mask(config["experts"]) == [True, False, True]
+    assert main(["eval", "--experts", *config["experts"], "--rewards", str(tmp_path / "cfg.yaml")]) == 2
+    assert (seen["mix_mode"], seen["max_tokens"], seen["registry"]) == ("prob", 128, None)
+
+
 def test_registry_file_drives_expert_masks(setup):
     root, experts = setup
     registry = load_registry(root / "preferences.json")
