@@ -42,6 +42,21 @@ class Output:
     provider_prompt_ids: list[int]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device: the CPU, or a CUDA GPU that this torch build can use."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}") from e
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch build sees no CUDA GPU (torch {torch.__version__})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s)")
+    return parsed
+
+
 class Engine:
     """Serve a mixture of `experts` sharing one tokenizer: Hugging Face checkpoint directories, or PEFT LoRA
     adapter directories over a local base (the adapters of one base run as one base forward).
@@ -70,7 +85,7 @@ class Engine:
         self.expert_paths = [Path(p) for p in experts]
         self.num_experts = len(experts)
         self.provider = pcm
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.block_size = block_size
         configs, tokenizers = [], []
         for path in self.expert_paths:
@@ -166,6 +181,10 @@ class Engine:
         prompt_ids, _ = self._encode(prompts)
         if not isinstance(responses, list | tuple) or len(responses) != len(prompt_ids):
             raise ValueError(f"responses must be a list of {len(prompt_ids)} strings or token id lists")
+        for i, response in enumerate(responses):
+            if not isinstance(response, str | list | tuple):
+                raise ValueError(f"responses[{i}] must be a string or a list of token ids, "
+                                 f"got {type(response).__name__}")
         encode = lambda r: self.tokenizer.encode(r, add_special_tokens=False)
         response_ids = [list(r) if isinstance(r, list | tuple) else encode(r) for r in responses]
         for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
@@ -183,16 +202,12 @@ class Engine:
             raise ValueError("prompts must be a non-empty list of strings or of token id lists")
         ids, texts = [], []
         for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                ids.append(self.tokenizer.encode(prompt))
-                texts.append(prompt)
-            elif isinstance(prompt, list | tuple):
-                ids.append(list(prompt))
-                texts.append(self.tokenizer.decode(prompt))
-            else:
+            if not isinstance(prompt, str | list | tuple):
                 raise ValueError(f"prompts[{i}] must be a string or a list of token ids, "
                                  f"got {type(prompt).__name__}")
-            self._check_token_ids(f"prompts[{i}]", ids[-1])
+            ids.append(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+            self._check_token_ids(f"prompts[{i}]", ids[-1])  # before the tokenizer decodes them
+            texts.append(prompt if isinstance(prompt, str) else self.tokenizer.decode(ids[-1]))
         return ids, texts
 
     def _check_token_ids(self, name: str, ids: list, allow_empty: bool = False) -> None:
@@ -225,7 +240,10 @@ class Engine:
             if k != 1:
                 raise ValueError(f"pass weights (B, {k}) or preferences: the engine has {k} experts")
             weights = [[1.0]] * batch
-        table = torch.as_tensor(weights, dtype=torch.float32).cpu()
+        try:
+            table = torch.as_tensor(weights, dtype=torch.float32).cpu()
+        except (TypeError, ValueError) as e:  # strings, ragged rows
+            raise ValueError(f"weights must be a (B, K) = ({batch}, {k}) table of numbers: {e}") from e
         if table.shape != (batch, k):
             raise ValueError(f"weights must have shape (B, K) = ({batch}, {k}), got {tuple(table.shape)}")
         check_simplex(table, table > 0, "weights")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -19,9 +20,11 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
+                or not 0 <= self.temperature < math.inf):
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, "
+                             f"got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         for name, low in (("top_k", 0), ("max_tokens", 1), ("n", 1)):
             value = getattr(self, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from mope.engine.context import AttentionContext
 from mope.engine.engine import Engine as BaseEngine
+from mope.engine.engine import check_device
 from mope.pcm import PCM
 from mope.preferences import Preference, PreferenceRegistry, default_registry
 
@@ -31,16 +33,37 @@ class UniformWeights:
         return active / active.sum(-1, keepdim=True)
 
 
+def check_pcm_experts(pcm: PCM, experts: list[str]) -> None:
+    """The PCM weighs the experts it was trained with, in that order: refuse another count or order (a
+    warning when the names are unknown to it, e.g. checkpoints that moved)."""
+    if pcm.n_experts != len(experts):
+        raise ValueError(f"the PCM weighs {pcm.n_experts} experts, but the engine has {len(experts)}")
+    if pcm.expert_names is None:
+        return
+    trained = [os.path.basename(os.path.normpath(e)) for e in pcm.expert_names]
+    given = [os.path.basename(os.path.normpath(e)) for e in experts]
+    if trained == given:
+        return
+    if sorted(trained) == sorted(given):
+        raise ValueError(f"the PCM was trained with the experts in the order {pcm.expert_names}; pass them "
+                         f"in that order (got {experts})")
+    warnings.warn(f"the PCM was trained with experts {pcm.expert_names}, not {experts}: its weight k goes to "
+                  "the k-th expert given here", stacklevel=3)
+
+
 class Engine(BaseEngine):
     """``mope.engine.Engine`` whose ``pcm`` may be a saved PCM directory, a ``PCM`` (or any weight
     provider), or None: then ``preferences`` get uniform weights over their active experts."""
 
     def __init__(self, experts: list[str | os.PathLike], pcm=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, registry: PreferenceRegistry | None = None, **kwargs):
+        device = check_device(device)
         if isinstance(pcm, str | os.PathLike):
             pcm = PCM.load(pcm, device, dtype)
-        if isinstance(pcm, PCM) and pcm.expert_names is None:
-            pcm.expert_names = [str(e) for e in experts]
+        if isinstance(pcm, PCM):
+            check_pcm_experts(pcm, [str(e) for e in experts])
+            if pcm.expert_names is None:
+                pcm.expert_names = [str(e) for e in experts]
         self.registry = registry or getattr(pcm, "registry", None) or default_registry()
         provider = pcm if pcm is not None else UniformWeights(experts, self.registry)
         super().__init__(experts, pcm=provider, device=device, dtype=dtype, **kwargs)

@@ -212,6 +212,11 @@ def cmd_eval(args) -> None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         records = records[: args.limit]
+    output = Path(args.output)  # checked now, not after the whole evaluation
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: directory {output.parent} not found")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory")
     reference, references = args.reference, None
     if reference.startswith("field:"):
         field = reference.removeprefix("field:")
@@ -224,9 +229,9 @@ def cmd_eval(args) -> None:
         engine.registry.combinations()
     scorers = {code: build_reward_model(spec) for code, spec in reward_specs.items()}
     report = evaluate(engine, scorers, [r["prompt"] for r in records], prefs, reference, references,
-                      args.prompting_expert, args.max_tokens)
+                      args.prompting_expert, args.max_tokens, progress=True)
     report["pcm"] = pcm
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    output.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"\nreport written to {args.output}")
 

@@ -25,13 +25,14 @@ def koala_prompts() -> list[str]:
 def evaluate(engine, scorers: Mapping[str, RewardModel], prompts: Sequence[str],
              preferences: Sequence[Preference], reference: str = "uniform",
              references: Mapping[str, str] | None = None, prompting_expert: int = 0,
-             max_tokens: int = 128) -> dict:
+             max_tokens: int = 128, progress: bool = False) -> dict:
     """Greedy responses of every method to every (prompt, preference), scored against a reference.
 
     Methods: the engine's PCM (when it has one), uniform weights over the active experts, each single
     expert, and preference prompting of expert ``prompting_expert`` (the preference prompts in its prompt).
     ``reference`` is "uniform" (the uniform-weights response) or "field" (``references[prompt]``).
-    Returns {"results": {preference: {method: reward}}, "mean": {method: reward}, ...}.
+    Returns {"results": {preference: {method: reward}}, "mean": {method: reward}, ...}. ``progress``: a
+    bar per method's generation.
     """
     if not prompts or not preferences:
         raise ValueError("evaluate needs at least one prompt and one preference")
@@ -45,7 +46,8 @@ def evaluate(engine, scorers: Mapping[str, RewardModel], prompts: Sequence[str],
     plain = [registry.format_prompt(p) for p, _ in pairs]
     masks = [q.active_mask(names) for _, q in pairs]
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    run = lambda texts, **mix: [o.text for o in engine.generate(texts, sampling=greedy, **mix)]
+    run = lambda texts, **mix: [o.text for o in
+                                engine.generate(texts, sampling=greedy, progress=progress, **mix)]
     one_hot = lambda j: [[float(i == j) for i in range(k)] for _ in pairs]
 
     responses = {UNIFORM_METHOD: run(plain, weights=[[m / sum(mask) for m in mask] for mask in masks])}

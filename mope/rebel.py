@@ -11,7 +11,7 @@ def rebel_loss(new_logp: Tensor, old_logp: Tensor, rewards: Tensor, eta: float) 
 
     Inputs are (2P,) with each pair (y, y') adjacent, or (P, 2).
     """
-    if eta <= 0:
+    if not eta > 0:  # NaN too
         raise ValueError(f"eta must be > 0, got {eta}")
     shapes = {t.shape for t in (new_logp, old_logp, rewards)}
     if len(shapes) != 1:

@@ -89,8 +89,8 @@ def length_scorer(per_word: float = -1.0) -> RuleScorer:
 
 
 def keyword_scorer(words: Sequence[str], per_hit: float = 1.0) -> RuleScorer:
-    if not words:
-        raise ValueError("keyword_scorer needs a non-empty list of words")
+    if isinstance(words, str) or not words or not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"keyword_scorer needs a non-empty list of non-empty words, got {words!r}")
     pattern = re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE)
     return RuleScorer(lambda _prompt, response: per_hit * len(pattern.findall(response)))
 
