@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# model_type -> architecture, for a config.json that names no architectures (transformers' Auto classes
+# go by model_type alone)
+MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -52,6 +56,8 @@ class ModelConfig:
         """From a transformers config (4.x `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`)."""
         architectures = getattr(hf, "architectures", None) or []
         arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        if not architectures:
+            arch = MODEL_TYPE_ARCHITECTURES.get(getattr(hf, "model_type", None))
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {architectures or hf.model_type!r}; "

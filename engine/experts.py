@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from mope.engine.config import ModelConfig
 from mope.engine.context import AttentionContext
 from mope.engine.loader import TOKENIZER_FILES, load_model, load_tokenizer
-from mope.engine.lora import CONFIG_FILE, LoRAGroup
+from mope.engine.lora import CONFIG_FILE, LoRAGroup, read_adapter_config
 from torch import Tensor, nn
 
 
@@ -40,10 +39,9 @@ class AdapterExpert(nn.Module):
 
 def adapter_base(path: Path) -> Path | None:
     """The local base checkpoint of a PEFT adapter directory; None when `path` is not an adapter."""
-    file = path / CONFIG_FILE
-    if not file.is_file():
+    if not (path / CONFIG_FILE).is_file():
         return None
-    base = json.loads(file.read_text()).get("base_model_name_or_path")
+    base = read_adapter_config(path).get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise ValueError(f"{path}: adapter's base_model_name_or_path={base!r} is not a local checkpoint "
                          "directory (the engine loads nothing from the network)")

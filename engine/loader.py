@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .config import ModelConfig
@@ -49,7 +49,14 @@ def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors files: the shards of its index, or model.safetensors."""
     index = path / INDEX_FILE
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            settings = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index}: not valid JSON ({e})") from None
+        weight_map = settings.get("weight_map") if isinstance(settings, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a \"weight_map\" object of weight name -> shard file")
+        shards = sorted(set(weight_map.values()))
         missing = [name for name in shards if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(
@@ -77,7 +84,11 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
     unexpected, loaded = [], set()
     with torch.no_grad():
         for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
+            try:
+                f = safe_open(file, framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+            with f:
                 for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                         continue

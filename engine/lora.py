@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from mope.kernels import packed_linear
 from mope.kernels.lora import BACKENDS, LoRARows, add_lora
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -49,6 +50,7 @@ UNSUPPORTED_FIELDS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "velora_config": "VeLoRA (velora_config)",
 }
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's lora_alpha when adapter_config.json has none
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight$")
 
@@ -68,7 +70,12 @@ def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA)")
     for name, feature in UNSUPPORTED_FIELDS.items():
@@ -82,8 +89,12 @@ def read_adapter_config(path: Path) -> dict:
         if unknown:
             raise ValueError(f"{path}: target_modules {unknown} are not supported "
                              f"(supported: {', '.join(TARGET_MODULES)})")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise ValueError(f"{path}: r must be a positive int, got {config.get('r')!r}")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"{path}: r must be a positive int, got {rank!r}")
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"{path}: lora_alpha must be a number, got {alpha!r}")
     return config
 
 
@@ -134,10 +145,14 @@ def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAA
     check_same_base(path, config, base_path)
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (pickle adapter weights are not loaded)")
-    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+    rank, alpha = config["r"], config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    try:
+        tensors = load_file(path / WEIGHTS_FILE)
+    except SafetensorError as e:
+        raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
     pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, tensor in load_file(path / WEIGHTS_FILE).items():
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None or match[2] not in TARGET_MODULES:
             raise ValueError(f"{path}: weight {key!r} is not a LoRA factor of a supported target module "
@@ -153,6 +168,9 @@ def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAA
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B "
                              f"{tuple(b.shape)} are not (r, in) and (out, r)")
+        if a.shape[0] != rank:
+            raise ValueError(f"{path}: layer {layer} {module}: lora_A/lora_B have rank {a.shape[0]}, "
+                             f"but {CONFIG_FILE} says r={rank}")
         weights[(layer, module)] = (a, b * scaling)
     return LoRAAdapter(path=path, rank=rank, scaling=scaling, weights=weights)
 

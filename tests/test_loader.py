@@ -83,6 +83,27 @@ def test_unknown_architecture_is_refused(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_config_without_architectures_goes_by_model_type(tmp_path, arch):
+    """transformers' Auto classes load a config.json without "architectures" by its model_type; so do we."""
+    path = make_tiny_checkpoint(tmp_path, arch, seed=5)
+    raw = json.loads((path / "config.json").read_text())
+    del raw["architectures"]
+    (path / "config.json").write_text(json.dumps(raw))
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([5, 17, 42, 99, 7])
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    torch.testing.assert_close(logits_of(load_model(path), ids), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_config_without_architectures_of_another_model_type_is_refused(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    assert "architectures" not in json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load_model(tmp_path)
+
+
 def test_unsupported_rope_type_is_refused(tmp_path):
     rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 64}
     path = make_tiny_checkpoint(tmp_path, "llama", rope_parameters=rope)
@@ -129,6 +150,28 @@ def test_sharded_checkpoint_loads_like_the_single_file(tmp_path, checkpoint):
     (sharded / shards[1]).unlink()
     with pytest.raises(FileNotFoundError, match=shards[1]):
         load_model(sharded)
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{", "not valid JSON"),
+    ('{"metadata": {}}', 'expected a "weight_map"'),
+    ("[]", 'expected a "weight_map"'),
+    ('{"weight_map": {"model.norm.weight": 3}}', 'expected a "weight_map"'),
+])
+def test_bad_index_is_refused(tmp_path, checkpoint, index, message):
+    path = copy_checkpoint(checkpoint, tmp_path / "indexed")
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json: {message}"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_weights_file_is_refused(tmp_path, checkpoint, damage):
+    path = copy_checkpoint(checkpoint, tmp_path / damage)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage")
+    with pytest.raises(ValueError, match=f"{damage}/model.safetensors: not a readable safetensors file"):
+        load_model(path)
 
 
 def test_missing_unexpected_and_misshapen_weights_are_refused(tmp_path, checkpoint):

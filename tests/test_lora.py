@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from helpers import make_tiny_checkpoint, save_adapter
+from mope.engine import experts
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
 from mope.engine.lora import LoRAGroup, LoRALinear, adapter_base, is_adapter_dir, load_adapter
@@ -205,11 +206,12 @@ def test_scaling_folds_alpha_and_rslora_and_adapter_dirs_are_recognised(checkpoi
     assert load_adapter(adapter_dirs[1]).scaling == pytest.approx(16 / 8**0.5)
 
 
-def edited_adapter(source, out_dir, **changes):
-    """A copy of the adapter `source` with `changes` written into its adapter_config.json."""
+def edited_adapter(source, out_dir, drop=(), **changes):
+    """A copy of the adapter `source` with `changes` written into its adapter_config.json, `drop` removed."""
     out_dir.mkdir()
     config = json.loads((source / "adapter_config.json").read_text())
-    (out_dir / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    config = {k: v for k, v in {**config, **changes}.items() if k not in drop}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
     (out_dir / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
     return out_dir
 
@@ -222,12 +224,54 @@ def edited_adapter(source, out_dir, **changes):
     ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
     ({"peft_type": "IA3"}, "peft_type"),
     ({"r": 0}, "r must be"),
+    ({"r": "4"}, "r must be"),
+    ({"lora_alpha": "8"}, "lora_alpha must be a number"),
+    ({"lora_alpha": None}, "lora_alpha must be a number"),
 ])
 def test_unsupported_adapter_features_are_refused(checkpoints, tmp_path, changes, message):
     base_dir, adapter_dirs, _ = checkpoints
     adapter = edited_adapter(adapter_dirs[0], tmp_path / "edited", **changes)
     with pytest.raises(ValueError, match=message):
         load_adapter(adapter, base_path=base_dir)
+
+
+@torch.no_grad()
+def test_missing_lora_alpha_takes_peft_default(checkpoints, tmp_path):
+    """An adapter_config.json without lora_alpha scores like PeftModel.from_pretrained (peft's default
+    alpha, not alpha = r): adapter 0 has r=4, so the two readings differ by a factor 2 in the delta."""
+    base_dir, adapter_dirs, _ = checkpoints
+    adapter = edited_adapter(adapter_dirs[0], tmp_path / "no_alpha", drop=("lora_alpha",))
+    group = LoRAGroup(load_model(base_dir), [adapter], base_path=base_dir)
+    prompt = prompts()[1]
+    ours = PagedDecoder(group.config, 1, 16).step(group_forward(group, [0]), [prompt], is_prefill=True)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    expected = reference(prompt[None]).logits[0, -1]
+    torch.testing.assert_close(ours[0], expected, atol=2e-5, rtol=1e-5)
+
+
+def test_rank_other_than_the_tensors_is_refused_like_peft(checkpoints, tmp_path):
+    base_dir, adapter_dirs, _ = checkpoints
+    adapter = edited_adapter(adapter_dirs[0], tmp_path / "r8", r=8)  # its tensors have rank 4
+    with pytest.raises(ValueError, match=r"r8: layer \d+ \w+_proj: lora_A/lora_B have rank 4.*says r=8"):
+        load_adapter(adapter)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+
+
+@pytest.mark.parametrize("text, message", [("{", "not valid JSON"), ("[]", "expected a JSON object")])
+def test_unreadable_adapter_config_is_refused(checkpoints, tmp_path, text, message):
+    adapter = edited_adapter(checkpoints[1][0], tmp_path / "bad")
+    (adapter / "adapter_config.json").write_text(text)
+    for read in (load_adapter, adapter_base, experts.adapter_base):
+        with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+            read(adapter)
+
+
+def test_unreadable_adapter_weights_are_refused(checkpoints, tmp_path):
+    adapter = edited_adapter(checkpoints[1][0], tmp_path / "bad")
+    (adapter / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_adapter(adapter)
 
 
 def test_adapter_of_another_base_is_refused(checkpoints, tmp_path):
