@@ -15,10 +15,16 @@ CHECKPOINTS = "checkpoints"
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, marker: str) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; on success it replaces ``final`` by renames, so a
-    reader never sees a half-written directory (a crash leaves only a ``.tmp-*`` sibling behind)."""
+    reader never sees a half-written directory (a crash leaves only a ``.tmp-*`` sibling behind). An
+    existing ``final`` is replaced only if it is empty or a previous save (it holds the file ``marker``)."""
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"cannot save to {final}: it is a file")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise ValueError(f"cannot save to {final}: a non-empty directory that is not a previous save "
+                         f"(no {marker}); its files are left alone, choose another path")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
@@ -46,7 +52,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: str | Path, step: int, pcm, trainer_state: dict) -> Path:
     """Write the PCM (``pcm.save``) and the trainer state (optimiser, schedule, RNG, step, config)."""
     final = checkpoint_dir(run_dir, step)
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final, "trainer.pt") as tmp:
         pcm.save(tmp / "pcm")
         torch.save({**trainer_state, "step": step}, tmp / "trainer.pt")
     return final

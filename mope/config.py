@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+INT_KEYS = ("steps", "batch_size", "epochs", "minibatch_size", "warmup_steps", "top_k", "max_tokens", "seed",
+            "checkpoint_every", "block_size", "num_kv_blocks")
+FLOAT_KEYS = ("lr", "weight_decay", "grad_clip", "eta", "temperature", "top_p")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -49,6 +55,10 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self) -> None:
+        for key in INT_KEYS + FLOAT_KEYS:
+            value = getattr(self, key)
+            if not (value is None and key in ("minibatch_size", "num_kv_blocks")):  # None: optional
+                setattr(self, key, _number(key, value, int if key in INT_KEYS else float))
         checks = [
             (isinstance(self.experts, list) and len(self.experts) > 0, "experts must be a non-empty list"),
             (isinstance(self.rewards, dict) and bool(self.rewards), "rewards must map dimensions to specs"),
@@ -72,10 +82,21 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.dtype in ("float32", "bfloat16", "float16"),
              f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
+            (isinstance(self.device, str) and DEVICE.fullmatch(self.device) is not None,
+             f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}"),
+            (isinstance(self.plot, bool), f"plot must be true or false, got {self.plot!r}"),
+            (isinstance(self.progress, bool), f"progress must be true or false, got {self.progress!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"train config: {message}")
+        from mope.engine.sampling_params import SamplingParams  # (imports torch: not at module level)
+
+        try:  # the rollouts' sampling settings, checked now rather than at the first step
+            SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                           max_tokens=self.max_tokens, seed=self.seed)
+        except ValueError as e:
+            raise ValueError(f"train config: {str(e).removeprefix('SamplingParams.')}") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -108,3 +129,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _number(key: str, value, kind: type) -> int | float:
+    """``value`` as an int or float; numeric strings are converted (YAML reads ``1e-5`` as a string)."""
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif not isinstance(value, bool) and isinstance(value, int | float if kind is float else int):
+        return kind(value)
+    raise ValueError(f"train config: {key} must be {'an integer' if kind is int else 'a number'}, "
+                     f"got {value!r}")

@@ -146,8 +146,9 @@ class PCM(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write config.json + model.safetensors + tokenizer + head.safetensors + pcm.json, atomically."""
-        with atomic_directory(path) as tmp:
+        """Write config.json + model.safetensors + tokenizer + head.safetensors + pcm.json, atomically;
+        ``path`` must be new, empty or a saved PCM (which is replaced)."""
+        with atomic_directory(path, SETTINGS_FILE) as tmp:
             self.hf_config.save_pretrained(tmp)
             save_file(_cpu_copies(checkpoint_targets(self.model)), tmp / "model.safetensors")
             self.tokenizer.save_pretrained(tmp)

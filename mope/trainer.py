@@ -26,6 +26,9 @@ from mope.rebel import mixture_token_logprobs, rebel_loss, sequence_logprobs
 from mope.rewards import CachedReferences, FieldReferences, build_reward_model, preference_rewards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# settings a resumed run may change: its length, I/O and where it runs (not what it trains)
+RESUMABLE = ("steps", "checkpoint_every", "progress", "plot", "output_dir", "device", "num_kv_blocks",
+             "extra")
 
 
 @dataclass
@@ -100,6 +103,15 @@ def build_pcm(config: TrainConfig) -> PCM:
     return PCM.fresh(tokenizer, k, config.device, dtype, seed=config.seed, registry=registry, **settings)
 
 
+def check_resumable(saved: dict, config: TrainConfig) -> None:
+    """Refuse to resume a run whose checkpoint was trained with other settings (``RESUMABLE`` may differ)."""
+    current = json.loads(json.dumps(config.to_dict()))  # as stored: tuples become lists
+    changed = [k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k]]
+    if changed:
+        raise ValueError(f"--resume: the config of {config.output_dir} differs from the checkpoint's in: "
+                         f"{', '.join(changed)} (or choose another output_dir for a new run)")
+
+
 class Trainer:
     """One REBEL run: a ``mope.Engine`` over the experts with the PCM as its weight provider. ``pcm`` and
     ``scorers`` override what the config builds; ``resume`` continues from the latest checkpoint."""
@@ -111,12 +123,21 @@ class Trainer:
         self.config = config
         self.dist = dist_info or DistInfo(device=config.device)
         self.out = Path(config.output_dir)
-        self.checkpoint = latest_checkpoint(self.out) if resume else None
+        self.checkpoint = latest_checkpoint(self.out)
+        if not resume and self.checkpoint is not None:
+            raise ValueError(f"output_dir {self.out} already holds checkpoints of a run (the latest: "
+                             f"{self.checkpoint.name}); pass resume=True (mope train --resume) to continue "
+                             f"it, or choose another output_dir")
         if resume and self.checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-        if self.checkpoint is not None:
+        state = load_trainer_state(self.checkpoint) if resume else None
+        if state is not None:
+            check_resumable(json.loads(state["config"]), config)
             pcm = PCM.load(self.checkpoint / "pcm", config.device, DTYPES[config.dtype])
         self.pcm = pcm or build_pcm(config)
+        if self.pcm.n_experts != len(config.experts):
+            raise ValueError(f"the PCM has {self.pcm.n_experts} experts, the config lists "
+                             f"{len(config.experts)}")
         self.pcm.expert_names = list(config.experts)
         self.registry = self.pcm.registry
         codes = config.preferences or [p.code for p in self.registry.combinations()]
@@ -146,8 +167,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.ddp = DistributedDataParallel(self.pcm) if self.dist.world_size > 1 else None
         self.step, self.nan_skipped = 0, 0
-        if self.checkpoint is not None:
-            self._load_state(load_trainer_state(self.checkpoint))
+        if state is not None:
+            self._load_state(state)
 
     # -- one step --------------------------------------------------------------------------------
     def batch(self, step: int) -> list[tuple[str, Preference]]:

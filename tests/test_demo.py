@@ -4,6 +4,7 @@ uniform weights."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from mope.demo.corpus import (
     write_response,
 )
 from mope.demo.kit import KitRecipe, build_kit
-from mope.demo.run import PCM, UNIFORM, run_demo
+from mope.demo.run import PCM, UNIFORM, clear_previous_demo, run_demo
 from mope.demo.scorers import RULES, SCORERS, demo_scorer
 from mope.demo.tokenizer import ASSISTANT, EOS, USER, train_tokenizer
 from mope.demo.train_lm import add_lora, load_lm, save_adapter
@@ -91,11 +92,32 @@ def test_tokenizer_has_single_special_tokens_and_round_trips(tmp_path):
         (lambda tmp: build_kit((tmp / "file").touch() or tmp / "file", TINY), "cache_dir"),
         (lambda tmp: run_demo(steps=0, kit_dir=tmp), "steps"),
         (lambda tmp: run_demo(out_dir=(tmp / "f").touch() or tmp / "f", kit_dir=tmp / "kit"), "out_dir"),
+        (lambda tmp: run_demo(out_dir=fake_run(tmp / "run", "hf"), kit_dir=tmp / "kit"), "another training"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_problem(tmp_path, call, match):
     with pytest.raises(ValueError, match=match):
         call(tmp_path)
+    assert not (tmp_path / "kit").exists()  # refused before building anything
+
+
+def fake_run(out: Path, reward_type: str) -> Path:
+    """A folder holding a training run's files, its rewards all of `reward_type`, and a file of the user's."""
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"rewards": {"P1A": {"type": reward_type}}}))
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def test_a_previous_demo_run_is_replaced_and_nothing_else_removed(tmp_path):
+    out = fake_run(tmp_path / "demo", "demo")
+    clear_previous_demo(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    clear_previous_demo(out)  # nothing to clear
+    with pytest.raises(ValueError, match="another training run"):
+        clear_previous_demo(fake_run(tmp_path / "other", "hf"))
+    assert (tmp_path / "other" / "checkpoints").is_dir()
 
 
 @pytest.fixture(scope="module")

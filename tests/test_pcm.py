@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -106,3 +107,33 @@ def test_from_backbone_checkpoint(ckpt):
     assert pcm.n_experts == 2 and pcm.model.config.hidden_size == 64
     with pytest.raises(ValueError, match="only 2 experts"):
         pcm.prepare("x", "P3A")
+
+
+def test_save_never_deletes_other_files_and_overwrites_a_saved_pcm(pcm, ckpt, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    not_saved = f"{tmp_path}: a non-empty directory that is not a previous save (no pcm.json)"
+    with pytest.raises(ValueError, match=re.escape(not_saved)):
+        pcm.save(tmp_path)
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'file'}: it is a file")):
+        pcm.save(tmp_path / "file")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "data"
+    pcm.save(tmp_path / "pcm")
+    other = PCM.fresh(ckpt, n_experts=6, seed=1, **TINY)
+    other.save(tmp_path / "pcm")  # a saved PCM is replaced, atomically
+    torch.testing.assert_close(PCM.load(tmp_path / "pcm").head.weight, other.head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes.txt", "pcm"]
+
+
+def test_a_failed_save_keeps_the_previous_pcm_and_leaves_no_temp_dir(pcm, tmp_path, monkeypatch):
+    pcm.save(tmp_path / "pcm")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "pcm").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mope.pcm.save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        pcm.save(tmp_path / "pcm")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pcm").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pcm"]

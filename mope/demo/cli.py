@@ -17,8 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=40, help="REBEL steps (default: 40)")
     demo.add_argument("--out", default="demo_out", metavar="DIR",
-                      help="where metrics.jsonl, metrics.png, checkpoints and demo_results.json go "
-                      "(default: demo_out)")
+                      help="where metrics.jsonl, metrics.png, checkpoints and demo_results.json go; "
+                      "a previous demo run there is replaced (default: demo_out)")
     demo.add_argument("--kit-dir", default=str(DEFAULT_CACHE), metavar="DIR",
                       help=f"cache directory of the kit (default: $MOPE_DEMO_CACHE or {DEFAULT_CACHE})")
     demo.add_argument("--eval-samples", type=int, default=2,

@@ -1,6 +1,7 @@
 """`mope demo`: build (or reuse) the kit, REBEL-train the PCM on the 8 combinations, show what it learned."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +35,31 @@ def demo_config(kit: KitPaths, out_dir: str | Path, steps: int, seed: int, **ove
         checkpoint_every=steps,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+# what a demo run writes into its out_dir (the trainer's files and the results)
+RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "metrics.png", "demo_results.json")
+
+
+def clear_previous_demo(out: Path) -> None:
+    """Remove an earlier demo run's files from `out` (each demo is a fresh run); refuse a folder that holds
+    another training run, whose checkpoints are not the demo's to delete."""
+    if not (out / "checkpoints").exists():
+        return
+    try:
+        rewards = json.loads((out / "config.json").read_text())["rewards"]
+        is_demo = all(spec.get("type") == "demo" for spec in rewards.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        is_demo = False
+    if not is_demo:
+        raise ValueError(f"out_dir {out} holds another training run's checkpoints; choose another --out")
+    print(f"replacing the previous demo run in {out}")
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def compare(trainer: Trainer, instructions: list[str], samples: int, seed: int) -> tuple[dict, dict]:
@@ -115,6 +141,7 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"out_dir {out} cannot be created: {e}") from e
+    clear_previous_demo(out)
     torch.manual_seed(seed)
     clock = time.perf_counter()
     kit = build_kit(kit_dir, recipe, progress)
