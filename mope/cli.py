@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.add_argument("prompts", nargs="*", help="instructions (or use --prompts-file)")
     gen.add_argument("--prompts-file", metavar="FILE",
-                     help="JSON list of strings or {'prompt': ...}, or a text file with one prompt per line")
+                     help="JSON list of strings or {'prompt': ...}, JSON Lines of them (.jsonl), or a text "
+                     "file with one prompt per line")
     mix = gen.add_mutually_exclusive_group(required=True)
     mix.add_argument("--preference", help="e.g. P1A,P2B,P3A or elementary,informative,friendly "
                      "(weights from --pcm, or uniform over the active experts without one)")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "preferences_file and reference, unless given here")
     ev.add_argument("--rewards", metavar="FILE", help="YAML/JSON map dimension code -> reward spec")
     ev.add_argument("--prompts-file", metavar="FILE",
-                    help="JSON prompt file (default: the packaged Koala 50)")
+                    help="JSON or JSON Lines prompt file (default: the packaged Koala 50)")
     ev.add_argument("--preferences", nargs="+", metavar="PREF",
                     help="preferences to evaluate (default: all 8 combinations)")
     ev.add_argument("--reference", default="uniform",
@@ -96,7 +97,7 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompts or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if path.suffix == ".json":
+        if path.suffix.lower() in (".json", ".jsonl"):
             prompts += [r["prompt"] for r in load_prompt_records(path)]
         elif path.is_file():
             prompts += [line for line in path.read_text().splitlines() if line.strip()]

@@ -65,14 +65,16 @@ class Rollout:
 
 
 def load_prompt_records(path: str | Path) -> list[dict]:
-    """A JSON list of {"prompt": ...} records (or of plain strings)."""
+    """A JSON list of {"prompt": ...} records (or of plain strings), or a .jsonl file of them, one a line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = path.suffix.lower() == ".jsonl"
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {path} is not valid JSON: {e}") from e
+        raise ValueError(f"prompt file {path} is not valid JSON{' Lines' if lines else ''}: {e}") from e
     records = [{"prompt": r} if isinstance(r, str) else r for r in data] if isinstance(data, list) else None
     if not records or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in records):
         raise ValueError(f"prompt file {path} must be a non-empty JSON list of strings or {{'prompt': ...}}")

@@ -92,3 +92,19 @@ def test_eval_checks_its_output_path_before_evaluating(setup, tmp_path, monkeypa
     assert "directory" in capsys.readouterr().err and not built
     assert main([*argv, "--output", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err and not built
+
+
+def test_prompt_files_in_json_lines_and_any_case(tmp_path):
+    from argparse import Namespace
+
+    from mope.cli import read_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hello"}\n\n"Bye"\n')
+    (tmp_path / "p.JSON").write_text('[{"prompt": "Hi"}]')
+    (tmp_path / "p.txt").write_text('{"prompt": "as text"}\n')
+    read = lambda name: read_prompts(Namespace(prompts=[], prompts_file=str(tmp_path / name)))
+    assert read("p.jsonl") == ["Hello", "Bye"] and read("p.JSON") == ["Hi"]
+    assert read("p.txt") == ['{"prompt": "as text"}']  # a text file is one prompt a line, as given
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match="not valid JSON Lines"):
+        read("bad.jsonl")
