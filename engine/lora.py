@@ -282,6 +282,27 @@ class LoRALinear(nn.Module):
                                                 step.rows.adapter_index, expand)
 
 
+def check_layers(adapter: LoRAAdapter, num_layers: int) -> None:
+    """Refuse an adapter with factors for layers the base does not have."""
+    deep = [layer for layer, _ in adapter.weights if layer >= num_layers]
+    if deep:
+        raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {num_layers}")
+
+
+def merge_adapter(model: CausalLM, path: str | Path, base_path: str | Path | None = None) -> None:
+    """Add the adapter at `path` into `model`'s weights, W += B A scaled (peft's merge_and_unload): `model`
+    then is the adapted model (a PCM backbone given as an adapter, say)."""
+    adapter = load_adapter(path, base_path)
+    check_layers(adapter, len(model.model.layers))
+    with torch.no_grad():
+        for layer in range(len(model.model.layers)):
+            for fused, shards in FUSED_SHARDS.items():
+                linear = projection(model, layer, fused)
+                lora = stack_adapters(linear, shards, layer, [adapter])
+                if lora is not None:
+                    linear.weight += (lora.b[0] @ lora.a[0]).to(linear.weight.device, linear.weight.dtype)
+
+
 class LoRAGroup(nn.Module):
     """One base `CausalLM` and L LoRA adapters served as L + 1 experts of one architecture.
 
@@ -303,9 +324,7 @@ class LoRAGroup(nn.Module):
         self.adapters = [load_adapter(p, base_path) for p in adapters]
         layers = base.model.layers
         for adapter in self.adapters:
-            deep = [layer for layer, _ in adapter.weights if layer >= len(layers)]
-            if deep:
-                raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {len(layers)}")
+            check_layers(adapter, len(layers))
         self.step, self.backend = StepRows(), backend
         self.stacks: dict[tuple[int, str], StackedLoRA] = {}
         for i in range(len(layers)):

@@ -24,7 +24,7 @@ class TrainConfig:
     prompts: str  # JSON file: a list of {"prompt": ..., [reference field]} (or of strings)
     rewards: dict[str, dict]  # dimension code -> reward spec ({"type": "hf", "path": ...}, ...)
     output_dir: str
-    pcm: str | None = None  # a PCM directory to start from (saved PCM, or a HF backbone checkpoint)
+    pcm: str | None = None  # start from: a saved PCM, a HF backbone checkpoint or a LoRA adapter of one
     pcm_backbone: dict | None = None  # or a fresh Llama: config overrides (hidden_size, ...), tokenizer
     preferences: list[str] | None = None  # None: every combination of the registry (8 by default)
     preferences_file: str | None = None  # a preferences.json of your own dimensions (default: packaged)

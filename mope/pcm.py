@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from mope.checkpoint import atomic_directory
 from mope.engine.config import ModelConfig
 from mope.engine.context import AttentionContext
-from mope.engine.loader import checkpoint_targets, load_model, load_tokenizer
+from mope.engine.experts import adapter_base
+from mope.engine.loader import TOKENIZER_FILES, checkpoint_targets, load_model, load_tokenizer
+from mope.engine.lora import merge_adapter
 from mope.engine.model import CausalLM
 from mope.preferences import Dimension, Preference, PreferenceRegistry, default_registry
 
@@ -53,13 +55,18 @@ class PCM(nn.Module):
     @classmethod
     def from_backbone(cls, path: str | Path, n_experts: int, device: str = "cpu",
                       dtype: torch.dtype = torch.float32, seed: int = 0, **kwargs) -> PCM:
-        """A pretrained HF checkpoint directory as backbone, and a fresh head (seeded)."""
+        """A pretrained HF checkpoint directory, or a PEFT LoRA adapter of one (merged into its base), as
+        backbone, and a fresh head (seeded)."""
         from transformers import AutoConfig
 
-        model = load_model(path, device, dtype)
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        base = adapter_base(Path(path))  # None unless `path` is an adapter directory
+        model = load_model(base or path, device, dtype)
+        if base is not None:
+            merge_adapter(model, path, base)
+        hf_config = AutoConfig.from_pretrained(base or path, local_files_only=True)
+        has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
         torch.manual_seed(seed)
-        return cls(model, hf_config, load_tokenizer(path), n_experts, **kwargs)
+        return cls(model, hf_config, load_tokenizer(path if has_tokenizer else base), n_experts, **kwargs)
 
     @classmethod
     def fresh(cls, tokenizer_path: str | Path, n_experts: int, device: str = "cpu",

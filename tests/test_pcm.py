@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from mope.pcm import PCM
 from mope.preferences import Preference, default_registry
-from tests.helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint, save_adapter
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=256)
@@ -100,6 +100,21 @@ def test_save_load_roundtrip_and_transformers_reads_the_backbone(pcm, tmp_path):
     torch.testing.assert_close(last_hidden(loaded, ids), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="not a saved PCM"):
         PCM.load(tmp_path)
+
+
+def test_from_backbone_adapter_is_the_merged_model(ckpt, tmp_path):
+    from peft import PeftModel
+
+    adapter = save_adapter(ckpt, tmp_path / "adapter", seed=0, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    pcm = PCM.from_backbone(adapter, n_experts=2)
+    ids = pcm.tokenizer("Hello there, adapter").input_ids
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), adapter).merge_and_unload()
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1:]
+        base = AutoModelForCausalLM.from_pretrained(ckpt)(torch.tensor([ids]), output_hidden_states=True)
+    assert not torch.allclose(base.hidden_states[-1][0, -1:], ref, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(last_hidden(pcm, ids), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_from_backbone_checkpoint(ckpt):
