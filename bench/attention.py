@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mope.kernels.paged_attention import paged_decode_attention  # noqa: E402
 
-from bench.kernels import read_bandwidth_gbs  # noqa: E402
+from bench.kernels import int_at_least, read_bandwidth_gbs  # noqa: E402
 from bench.rollout import median_ms  # noqa: E402
 
 
@@ -44,12 +44,13 @@ def attend_every_layer(q: torch.Tensor, caches: list[tuple[torch.Tensor, torch.T
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[4, 12, 32])
-    parser.add_argument("--context", type=int, default=128, help="cached tokens per sequence")
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--smoke", action="store_true", help="tiny, B = 2, one repeat")
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[4, 12, 32])
+    parser.add_argument("--context", type=int_at_least(1), default=128, help="cached tokens per sequence")
+    parser.add_argument("--heads", type=int_at_least(1), default=12)
+    parser.add_argument("--head-dim", type=int_at_least(1), default=64)
+    parser.add_argument("--repeats", type=int_at_least(1), default=9)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny, B = 2, one repeat (overrides every option above)")
     args = parser.parse_args(argv)
     megabytes = 8 if args.smoke else 400
     if args.smoke:

@@ -23,6 +23,7 @@ import mope.engine.attention as attention_module  # noqa: E402
 import mope.engine.model as model_module  # noqa: E402
 from mope.kernels import decoder_ops, paged_attention  # noqa: E402
 
+from bench.kernels import int_at_least  # noqa: E402
 from bench.rollout import DecodeStep, median_ms  # noqa: E402
 from bench.shapes import SHAPES, make_random_checkpoint  # noqa: E402
 
@@ -50,11 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-160m", choices=sorted(SHAPES))
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 32])
-    parser.add_argument("--context", type=int, default=96, help="cached tokens per sequence")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 4, 8, 32])
+    parser.add_argument("--context", type=int_at_least(1), default=96, help="cached tokens per sequence")
+    parser.add_argument("--repeats", type=int_at_least(1), default=21)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"), help="random checkpoints")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, B = 2, one repeat")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, B = 2, one repeat (overrides --shape, --batch, --repeats)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.batch, args.repeats = "tiny", [2], 1

@@ -50,6 +50,23 @@ def providers(device: str, with_compile: bool) -> dict[str, Callable]:
     return out
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (a non-integer is an "invalid integer value")."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return integer
+
+
+def usable_device(name: str) -> str:
+    """An argparse type: a device name, refusing cuda where torch has no GPU."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name} needs a GPU (torch.cuda.is_available() is False)")
+    return name
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -89,13 +106,12 @@ def time_interleaved(fns: dict[str, Callable], args: tuple, device: str, warmup:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat, no torch.compile")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", type=usable_device, choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, one repeat, no torch.compile (overrides --repeats, --warmup)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=15)
+    parser.add_argument("--warmup", type=int_at_least(0), default=3)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a GPU")
     batches, vocabs = ((1, 4), (1000,)) if args.smoke else (BATCHES, VOCABS)
     repeats, warmup = (1, 1) if args.smoke else (args.repeats, args.warmup)
     bandwidth = read_bandwidth_gbs(args.device, 16 if args.smoke else 512, 3 if args.smoke else 11)

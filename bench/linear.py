@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mope.kernels import packed_linear  # noqa: E402
 
-from bench.kernels import read_bandwidth_gbs, time_interleaved  # noqa: E402
+from bench.kernels import int_at_least, read_bandwidth_gbs, time_interleaved  # noqa: E402
 from bench.shapes import SHAPES  # noqa: E402
 from bench.stacked_experts import projection_shapes  # noqa: E402
 
@@ -42,12 +42,15 @@ def providers(weights: list[torch.Tensor]) -> dict[str, Callable[[dict[int, torc
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 12, 16, 32, 64])
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--rows", type=int_at_least(1), nargs="+", default=[1, 4, 8, 12, 16, 32, 64])
+    parser.add_argument("--repeats", type=int_at_least(1), default=11)
     parser.add_argument("--peak-gflops", type=float, default=230.0,
                         help="fp32 matmul rate for the arithmetic floor (this machine's measured best)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, M=2, one repeat")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, M=2, one repeat (overrides --rows, --repeats)")
     args = parser.parse_args(argv)
+    if args.peak_gflops <= 0:
+        parser.error(f"argument --peak-gflops: must be > 0, got {args.peak_gflops}")
     shape = SHAPES["tiny" if args.smoke else "llama-160m"]
     rows, repeats = ([2], 1) if args.smoke else (args.rows, args.repeats)
     generator = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.hf_loop import LoopPCM, hf_rollout  # noqa: E402
+from bench.kernels import int_at_least, usable_device  # noqa: E402
 from bench.shapes import SHAPES, Shape, make_random_adapter, make_random_checkpoint  # noqa: E402
 
 # This machine on 2 threads, measured 2026-11-30 on a quiet machine: the best fp32 matmul rate (sgemm
@@ -280,25 +281,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-160m", choices=sorted(SHAPES))
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="rollout batch sizes")
-    parser.add_argument("--lora-batch", type=int, nargs="+", default=[1, 4, 32], help="LoRA batch sizes")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 8, 32],
+                        help="rollout batch sizes")
+    parser.add_argument("--lora-batch", type=int_at_least(1), nargs="+", default=[1, 4, 32],
+                        help="LoRA batch sizes")
+    parser.add_argument("--new-tokens", type=int_at_least(1), default=128)
+    parser.add_argument("--experts", type=int_at_least(1), default=3)
+    parser.add_argument("--rank", type=int_at_least(1), default=16, help="LoRA rank")
+    parser.add_argument("--repeats", type=int_at_least(1), default=3)
     parser.add_argument("--only", choices=["rollout", "lora"], help="run one table")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", type=usable_device, default="cpu")
+    parser.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"),
                         help="where random checkpoints are written (and reused)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, B=2, 8 tokens, 1 repeat")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, B=2, 8 tokens, 1 repeat (overrides --shape, --batch, --lora-batch, "
+                        "--new-tokens, --repeats)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.batch, args.lora_batch, args.new_tokens, args.repeats = "tiny", [2], [2], 8, 1
-    for name in ("new_tokens", "experts", "rank", "repeats", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"shape {args.shape}, K={args.experts}, {args.dtype} on {args.device}, {torch.get_num_threads()} "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mope.engine.linear import fast_linear  # noqa: E402
 
-from bench.kernels import read_bandwidth_gbs, time_interleaved  # noqa: E402
+from bench.kernels import int_at_least, read_bandwidth_gbs, time_interleaved  # noqa: E402
 from bench.shapes import SHAPES  # noqa: E402
 
 
@@ -44,10 +44,11 @@ def providers(weights: list[list[torch.Tensor]], stacked_t: list[torch.Tensor]) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, B=2, one repeat")
+    parser.add_argument("--experts", type=int_at_least(1), default=3)
+    parser.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int_at_least(1), default=21)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, B=2, one repeat (overrides --batch, --repeats)")
     args = parser.parse_args(argv)
     shape = SHAPES["tiny" if args.smoke else "llama-160m"]
     batches, repeats = ([2], 1) if args.smoke else (args.batch, args.repeats)

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.hf_loop import LoopPCM  # noqa: E402
 from bench.baselines.naive_rebel import naive_rebel_step  # noqa: E402
+from bench.kernels import int_at_least, usable_device  # noqa: E402
 from bench.shapes import SHAPES, Shape, make_random_checkpoint  # noqa: E402
 
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea and the wind.",
@@ -109,14 +110,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="experts' and PCM's shape")
     parser.add_argument("--pcm-shape", default="same", choices=["same", *PCM_SHAPES],
                         help="the PCM's shape: the experts' (same) or a smaller one")
-    parser.add_argument("--pairs", type=int, default=4, help="(prompt, preference) pairs per step")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per response")
-    parser.add_argument("--epochs", type=int, default=2, help="optimiser epochs per step")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per provider (after a warm-up)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pairs", type=int_at_least(1), default=4,
+                        help="(prompt, preference) pairs per step")
+    parser.add_argument("--new-tokens", type=int_at_least(1), default=32, help="tokens per response")
+    parser.add_argument("--epochs", type=int_at_least(1), default=2, help="optimiser epochs per step")
+    parser.add_argument("--steps", type=int_at_least(1), default=3,
+                        help="timed steps per provider (after a warm-up)")
+    parser.add_argument("--device", type=usable_device, default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mope-bench"), help="random checkpoints")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, 1 pair, 4 tokens, 1 step")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, 1 pair, 4 tokens, 1 epoch, 1 step (overrides --shape, --pcm-shape, "
+                        "--pairs, --new-tokens, --epochs, --steps)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shape, args.pcm_shape = "tiny", "same"
