@@ -170,7 +170,7 @@ class Engine:
         or of every model when None: call it after changing that model's weights."""
         count = len(self.runner.models)
         models = range(count) if model is None else [model]
-        if not all(isinstance(m, int) and 0 <= m < count for m in models):
+        if not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < count for m in models):
             raise ValueError(f"model must be None or an index in [0, {count}), got {model!r}")
         for m in models:
             self.block_manager.forget_model(m)

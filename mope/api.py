@@ -77,7 +77,8 @@ class Engine(BaseEngine):
 
     def forget_provider_cache(self) -> None:
         """Drop the weight provider's blocks from the prefix cache (after a PCM update they are stale)."""
-        self.reset_prefix_cache(self.num_experts)
+        if self.provider.model is not None:  # uniform weights have no model and no blocks
+            self.reset_prefix_cache(self.num_experts)
 
     @torch.inference_mode()
     def expert_logits(self, prompts: list[str], response_ids: list[list[int]]) -> Tensor:

@@ -62,6 +62,9 @@ class TrainConfig:
         checks = [
             (isinstance(self.experts, list) and len(self.experts) > 0, "experts must be a non-empty list"),
             (isinstance(self.rewards, dict) and bool(self.rewards), "rewards must map dimensions to specs"),
+            (self.preferences is None or (isinstance(self.preferences, list) and len(self.preferences) > 0
+                                          and all(isinstance(p, str) for p in self.preferences)),
+             f"preferences must be a non-empty list of strings like 'P1A,P2B', got {self.preferences!r}"),
             (self.pcm is None or self.pcm_backbone is None, "give pcm or pcm_backbone, not both"),
             (self.reference == "uniform" or self.reference.startswith("field:"),
              f"reference must be 'uniform' or 'field:<name>', got {self.reference!r}"),

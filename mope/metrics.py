@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, lines past the checkpoint's step are dropped (they will be redone)."""
+    """Append-only JSONL; on resume, lines past the checkpoint's step are dropped (they will be redone).
+    Non-finite numbers are written as null (strict JSON)."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
@@ -20,15 +22,27 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics JSONL; an unreadable last line (a run killed mid-write) is dropped with a
+    warning, an unreadable line elsewhere is a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from None
+            warnings.warn(f"{path}: dropping its incomplete last line", stacklevel=2)
+    return records
 
 
 def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
@@ -47,7 +61,7 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
     for key in sorted({k for r in rows for k in r if k.startswith("weight/")}):
         series.append((key, key.removeprefix("weight/"), axes[2]))
     for key, label, ax in series:
-        ax.plot(steps, [r.get(key, math.nan) for r in rows], label=label)
+        ax.plot(steps, [math.nan if r.get(key) is None else r[key] for r in rows], label=label)
     for ax, title in zip(axes, ("BT-normalised reward", "REBEL loss", "mean weight per expert"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")

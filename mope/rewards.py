@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from mope.kernels.validate import describe
 from mope.preferences import Preference
 
 
@@ -142,7 +143,16 @@ def preference_rewards(scorers: Mapping[str, RewardModel], prompts: Sequence[str
             raise ValueError(f"no reward model for dimension {code}; have: {', '.join(sorted(scorers))}")
         rows = [i for i, p in enumerate(preferences) if any(d.code == code for d in p.dimensions)]
         ps = [prompts[i] for i in rows]
-        s = scorers[code].score(ps + ps, [responses[i] for i in rows] + [references[i] for i in rows]).float()
+        name = f"the reward model of {code} ({type(scorers[code]).__name__})"
+        try:
+            s = scorers[code].score(ps + ps, [responses[i] for i in rows] + [references[i] for i in rows])
+        except Exception as e:
+            e.add_note(f"raised by {name}")
+            raise
+        if not isinstance(s, Tensor) or s.shape != (2 * len(rows),):
+            raise ValueError(f"{name} must return a ({2 * len(rows)},) tensor, one score per response, "
+                             f"got {describe(s)}")
+        s = s.float()
         bt = bt_normalize(s[: len(rows)], s[len(rows) :])
         total[rows] += bt
         count[rows] += 1
@@ -159,7 +169,13 @@ class FieldReferences:
         missing = [i for i, r in enumerate(records) if field not in r]
         if missing:
             raise ValueError(f"reference field {field!r} missing in prompt records {missing[:5]}")
-        self.by_prompt = {r["prompt"]: r[field] for r in records}
+        not_text = [i for i, r in enumerate(records) if not isinstance(r[field], str)]
+        if not_text:
+            raise ValueError(f"reference field {field!r} is not a string in prompt records {not_text[:5]}")
+        self.by_prompt: dict[str, str] = {}
+        for i, r in enumerate(records):
+            if self.by_prompt.setdefault(r["prompt"], r[field]) != r[field]:
+                raise ValueError(f"prompt record {i} repeats an earlier prompt with another {field!r}")
 
     def get(self, prompts: Sequence[str], preferences: Sequence[Preference]) -> list[str]:
         return [self.by_prompt[p] for p in prompts]

@@ -281,7 +281,7 @@ class Trainer:
         from tqdm import tqdm
 
         c, main = self.config, self.dist.is_main
-        log = MetricsLog(self.out / "metrics.jsonl", self.step if self.checkpoint else None) if main else None
+        log = MetricsLog(self.out / "metrics.jsonl", self.step or None) if main else None  # keeps steps done
         if main:
             (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         history = []
@@ -342,24 +342,27 @@ class Trainer:
     def _metrics(self, step, rollout, rewards, per_dim, loss, ok, rollout_s, update_s) -> dict:
         k, n_dims = self.pcm.n_experts, len(self.dims)
         tokens = float(sum(rollout.lengths))
-        # sums reduced over ranks: reward, count, per-dimension sums and counts, weights, tokens, loss
-        sums = torch.zeros(6 + 2 * n_dims + k, dtype=torch.float64)
-        sums[0], sums[1] = rewards.double().nansum(), rewards.numel()
+        # sums reduced over ranks: responses, tokens, loss, times, the finite rewards' sum and count, per
+        # dimension the finite BT scores' sums and counts, weights (NaN rewards count in no mean)
+        sums = torch.zeros(7 + 2 * n_dims + k, dtype=torch.float64)
+        finite = lambda t: (t.double().nansum(), torch.isfinite(t).sum())
+        (sums[0], sums[6]), sums[1] = finite(rewards), rewards.numel()
         for code, bt in per_dim.items():
             i = self.dims.index(code)
-            sums[6 + i], sums[6 + n_dims + i] = bt.double().nansum(), bt.numel()
-        sums[6 + 2 * n_dims :] = rollout.weights.double().sum(0)
+            sums[7 + i], sums[7 + n_dims + i] = finite(bt)
+        sums[7 + 2 * n_dims :] = rollout.weights.double().sum(0)
         sums[2], sums[3], sums[4], sums[5] = tokens, loss if ok else 0.0, rollout_s, update_s
         sums = all_reduce_sum(sums, self.dist)
         world = self.dist.world_size
-        record = {"step": step, "reward": (sums[0] / sums[1]).item(), "loss": (sums[3] / world).item() if ok
+        reward = (sums[0] / sums[6]).item() if sums[6] > 0 else math.nan
+        record = {"step": step, "reward": reward, "loss": (sums[3] / world).item() if ok
                   else math.nan, "skipped": not ok, "nan_skipped": self.nan_skipped,
                   "lr": self.scheduler.get_last_lr()[0], "response_tokens": (sums[2] / sums[1]).item()}
         for i, code in enumerate(self.dims):
-            if sums[6 + n_dims + i] > 0:
-                record[f"reward/{code}"] = (sums[6 + i] / sums[6 + n_dims + i]).item()
+            if sums[7 + n_dims + i] > 0:
+                record[f"reward/{code}"] = (sums[7 + i] / sums[7 + n_dims + i]).item()
         for j in range(k):
-            record[f"weight/{j}"] = (sums[6 + 2 * n_dims + j] / max(sums[2].item(), 1.0)).item()
+            record[f"weight/{j}"] = (sums[7 + 2 * n_dims + j] / max(sums[2].item(), 1.0)).item()
         updated = sums[2].item() * self.config.epochs if ok else 0.0
         record["rollout_tokens_per_s"] = sums[2].item() / max(sums[4].item() / world, 1e-9)
         record["update_tokens_per_s"] = updated / max(sums[5].item() / world, 1e-9)

@@ -108,3 +108,9 @@ def test_prompt_files_in_json_lines_and_any_case(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match="not valid JSON Lines"):
         read("bad.jsonl")
+
+
+def test_prefix_cache_resets(engine):
+    engine.forget_provider_cache()  # uniform weights: no provider model, nothing to forget
+    with pytest.raises(ValueError, match=r"model must be None or an index in \[0, 2\), got True"):
+        engine.reset_prefix_cache(True)

@@ -96,3 +96,27 @@ def test_reference_sources():
     assert field.get(["x"], [a]) == ["R"]
     with pytest.raises(ValueError, match="reference field 'gold' missing"):
         FieldReferences([{"prompt": "x"}], "gold")
+    with pytest.raises(ValueError, match=r"'gold' is not a string in prompt records \[1\]"):
+        FieldReferences([{"prompt": "x", "gold": "R"}, {"prompt": "y", "gold": 3}], "gold")
+    with pytest.raises(ValueError, match="prompt record 1 repeats an earlier prompt with another 'ref'"):
+        FieldReferences([{"prompt": "x", "ref": "R"}, {"prompt": "x", "ref": "S"}], "ref")
+    assert FieldReferences([{"prompt": "x", "ref": "R"}] * 2, "ref").get(["x"], [a]) == ["R"]
+
+
+class Scorer:
+    def __init__(self, score):
+        self.score = score
+
+
+@pytest.mark.parametrize("score, error, message", [
+    (lambda p, r: [1.0] * len(r), ValueError, r"the reward model of P1A \(Scorer\) must return a \(4,\)"),
+    (lambda p, r: torch.zeros(len(r) - 1), ValueError, r"one score per response, got \(3,\)"),
+    (lambda p, r: torch.zeros(len(r), 1), ValueError, r"got \(4, 1\) torch.float32"),
+    (lambda p, r: 1 / 0, ZeroDivisionError, "division by zero"),
+])
+def test_a_reward_models_bad_output_or_error_names_its_dimension(score, error, message):
+    prefs = [Preference.parse("P1A")] * 2
+    with pytest.raises(error, match=message) as info:
+        preference_rewards({"P1A": Scorer(score)}, ["p", "q"], prefs, ["r", "s"], ["t", "u"])
+    if error is ZeroDivisionError:  # raised as it is, with a note naming the reward model
+        assert info.value.__notes__ == ["raised by the reward model of P1A (Scorer)"]

@@ -1,11 +1,16 @@
 """Bad training inputs are clear errors before any file is written: config values (YAML numbers included), a
 PCM of the wrong size, and an output_dir that already holds another run's checkpoints."""
 
+import json
+import math
+
 import pytest
+import torch
 import yaml
 
 from mope.checkpoint import save_checkpoint
 from mope.config import TrainConfig
+from mope.metrics import MetricsLog, read_metrics
 from mope.pcm import PCM
 from mope.preferences import load_registry
 from mope.trainer import Trainer
@@ -51,6 +56,8 @@ def test_non_numbers_name_the_key_and_value(tmp_path, text, message):
     (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (dict(device="cuda:x"), "device must be"),
     (dict(plot="no"), "plot must be true or false"),
+    (dict(preferences="P1A"), "preferences must be a non-empty list of strings"),
+    (dict(preferences=[]), "preferences must be a non-empty list of strings"),
 ])
 def test_sampling_and_device_settings_are_checked_in_the_config(overrides, message):
     with pytest.raises(ValueError, match=f"train config: {message}"):
@@ -78,3 +85,36 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(setup, tmp_path):
         Trainer(make_config(setup, tmp_path, seed=123, lr=0.5), resume=True)
     resumed = Trainer(make_config(setup, tmp_path, steps=5, checkpoint_every=2, plot=True), resume=True)
     assert resumed.step == 3 and resumed.checkpoint == saved
+
+
+def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.write({"step": 1, "loss": math.nan, "reward": 0.5})
+    log.write({"step": 2, "loss": 0.25, "reward": math.inf})
+    strict = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "m.jsonl").open()]
+    assert strict == [{"step": 1, "loss": None, "reward": 0.5}, {"step": 2, "loss": 0.25, "reward": None}]
+    with (tmp_path / "m.jsonl").open("a") as f:
+        f.write('{"step": 3, "rew')
+    with pytest.warns(UserWarning, match="dropping its incomplete last line"):
+        assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2]
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n{oops\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="m.jsonl: line 2 is not valid JSON"):
+        read_metrics(tmp_path / "m.jsonl")
+
+
+class FirstRowNaN:
+    """Scores 1.0 for every response, NaN for the first of each call: those rows' rewards are NaN."""
+
+    def score(self, prompts, responses):
+        return torch.tensor([math.nan] + [1.0] * (len(responses) - 1))
+
+
+def test_training_twice_keeps_the_log_and_nan_rows_count_in_no_mean(setup, tmp_path):
+    config = make_config(setup, tmp_path / "run", steps=2, plot=False)
+    trainer = Trainer(config, scorers={code: FirstRowNaN() for code in config.rewards})
+    with pytest.warns(UserWarning, match="update skipped"):
+        (first,) = trainer.train(until=1)
+        trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    # every finite reward is sigmoid(1 - 1) = 0.5 (the old mean divided NaN rows' zeros in too)
+    assert first["reward"] == 0.5 and first["skipped"]
