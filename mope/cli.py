@@ -171,6 +171,9 @@ def cmd_train(args) -> None:
             last = history[-1]
             print(f"step {last['step']}: reward {last['reward']:.4f}, loss {last['loss']:.4f}; "
                   f"outputs in {config.output_dir}")
+        elif info.is_main:
+            print(f"nothing to do: the run in {config.output_dir} already reached step {config.steps} "
+                  "(raise steps in the config to continue it)")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

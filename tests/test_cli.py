@@ -68,6 +68,8 @@ def test_train_then_eval(setup, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "cfg.yaml")]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
     assert "step 1: reward" in capsys.readouterr().out
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml"), "--resume"]) == 0
+    assert "nothing to do: the run in" in capsys.readouterr().out
     report_path = tmp_path / "eval.json"
     assert main(["eval", "--config", str(tmp_path / "cfg.yaml"), "--prompts-file", config["prompts"],
                  "--limit", "2", "--preferences", "P1A,P2B,P3A", "P1B,P2A", "--max-tokens", "4",
