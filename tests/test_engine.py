@@ -1,11 +1,15 @@
 """Engine.generate / score end to end on tiny random checkpoints, against transformers as the reference."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import make_tiny_checkpoint, save_adapter
 from mope.engine.engine import Engine
 from mope.engine.loader import load_model, load_tokenizer
 from mope.engine.sampling_params import SamplingParams
+from mope.engine.sequence import row_seed
+from mope.kernels import mix_sample
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -84,6 +88,28 @@ def test_mixture_greedy_equals_a_reference_loop(checkpoints, hf_models, mode):
         torch.testing.assert_close(out.logprobs, logprobs, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.expert_logprobs, expert_logprobs, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.weights, torch.tensor([w] * GREEDY.max_tokens))
+
+
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_sampling_follows_mix_sample_on_transformers_logits(checkpoints, hf_models, mode):
+    """temperature, top_p, top_k, the seed and the step offset all reach the draw: each token is the one
+    mix_sample's torch reference draws from transformers' logits with the row's seed at that step."""
+    engine = Engine([checkpoints["llama"], checkpoints["qwen2"]], mix_mode=mode)
+    sampling = SamplingParams(temperature=0.7, top_p=0.8, top_k=5, seed=11, max_tokens=12, ignore_eos=True)
+    weights = [[0.3, 0.7], [0.5, 0.5]]
+    outputs = engine.generate(PROMPTS[:2], weights=weights, sampling=sampling)
+    models = [hf_models["llama"], hf_models["qwen2"]]
+    for request, (prompt, w, out) in enumerate(zip(PROMPTS[:2], weights, outputs, strict=True)):
+        ids = list(prompt)
+        for step, token in enumerate(out.token_ids):
+            logits = torch.stack([hf_next_logits(m, ids) for m in models])[:, None]  # (K, 1, V)
+            ref = mix_sample(logits, torch.tensor([w]), temperature=0.7, top_p=0.8, top_k=5, mode=mode,
+                             seed=row_seed(11, request, 0), offset=step, backend="torch")
+            assert token == int(ref.tokens[0]), (request, step)
+            torch.testing.assert_close(out.logprobs[step], ref.logprobs[0], atol=1e-4, rtol=1e-4)
+            ids.append(token)
+    other_seed = engine.generate(PROMPTS[:2], weights=weights, sampling=replace(sampling, seed=12))
+    assert [o.token_ids for o in other_seed] != [o.token_ids for o in outputs]
 
 
 def test_a_pool_far_too_small_preempts_and_gives_the_same_outputs(checkpoints):
