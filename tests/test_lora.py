@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from helpers import make_tiny_checkpoint, save_adapter
+from helpers import PACKED_LINEAR_RUNS, make_tiny_checkpoint, save_adapter
 from mope.engine import experts
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
 from mope.engine.lora import LoRAGroup, LoRALinear, adapter_base, is_adapter_dir, load_adapter
-from mope.kernels import packed_linear
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -118,7 +117,7 @@ def test_adapter_rows_match_merged_checkpoints(checkpoints, backend):
                                                          [chunks[row]], is_prefill=True)
         torch.testing.assert_close(logits[row], expected[0], atol=2e-5, rtol=1e-5)
     folded = [m._packed is not None for m in base.modules() if isinstance(m, LoRALinear)]
-    assert folded and all(folded) == (backend == "auto" and packed_linear.available())
+    assert folded and all(folded) == (backend == "auto" and PACKED_LINEAR_RUNS)
     group.remove()
     plain = PagedDecoder(base.config, 1, 32).step(lambda *a: base.compute_logits(base(*a)), [chunks[0]], True)
     expected = PagedDecoder(base.config, 1, 32).step(lambda *a: experts[-1].compute_logits(experts[-1](*a)),
@@ -134,7 +133,7 @@ def test_the_packed_path_is_chosen_per_step(checkpoints):
     auto = LoRAGroup(load_model(base_dir), adapter_dirs, base_path=base_dir)
     reference = LoRAGroup(load_model(base_dir), adapter_dirs, base_path=base_dir, backend="torch")
     cpu = torch.device("cpu")
-    assert auto.takes_packed_path(256, cpu) == packed_linear.available()
+    assert auto.takes_packed_path(256, cpu) == PACKED_LINEAR_RUNS
     assert not auto.takes_packed_path(257, cpu) and not reference.takes_packed_path(8, cpu)
     with torch.enable_grad():
         assert not auto.takes_packed_path(8, cpu)
