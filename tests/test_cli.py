@@ -8,9 +8,10 @@ from mope.api import Engine
 from mope.cli import build_parser, main
 from mope.evaluate import UNIFORM_METHOD, koala_prompts
 from mope.metrics import read_metrics
+from mope.pcm import PCM
 from mope.preferences import load_registry
 from tests.helpers import run_bench_smoke
-from tests.mope_setup import make_config, make_training_dir
+from tests.mope_setup import TINY_PCM, make_config, make_training_dir
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,24 @@ def test_generate_matches_the_engine(setup, capsys):
                            sampling=SamplingParams(max_tokens=5, seed=3))
     assert [r["response"] for r in rows] == [o.text for o in outs]
     assert rows[0]["mean_weights"] == pytest.approx([0.25, 0.25, 0.5])
+
+
+def test_generate_with_a_pcm_and_sampling_options_matches_the_engine(setup, tmp_path, capsys):
+    root, experts = setup
+    registry = load_registry(root / "preferences.json")
+    PCM.fresh(experts[0], 3, registry=registry, expert_names=experts, **TINY_PCM).save(tmp_path / "pcm")
+    options = ["--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "3", "--max-tokens", "6"]
+    for raw in (False, True):
+        assert main(["generate", "--experts", *experts, "--pcm", str(tmp_path / "pcm"), "--preference",
+                     "P1A,P2B", *options, "--json", *(["--raw"] if raw else []), "Hi there"]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        engine = Engine(experts, pcm=tmp_path / "pcm")
+        prompt = "Hi there" if raw else engine.format_prompts(["Hi there"])[0]
+        (out,) = engine.generate([prompt], preferences=["P1A,P2B"], sampling=SamplingParams(
+            temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=6))
+        assert row["response"] == out.text and row["logprob"] == pytest.approx(float(out.logprobs.sum()))
+        assert row["mean_weights"] == pytest.approx(out.weights.mean(0).tolist())
+        assert 0 < row["mean_weights"][0] < 1 and row["mean_weights"][1] == 0  # P1A, P2B: experts 0 and 2
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -196,6 +196,13 @@ def test_score_gives_every_experts_teacher_forced_logprobs(checkpoints, hf_model
             positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(response_ids) - 1)
             expected.append(log_p[positions, torch.tensor(response_ids)])
         torch.testing.assert_close(score, torch.stack(expected, 1), atol=1e-4, rtol=1e-4)
+    # over the token budget of one pass, score splits the requests into several: the same result
+    split = Engine([checkpoints["llama"], checkpoints["qwen2"]], max_num_batched_tokens=12)
+    passes, score_batch = [], split.runner._score_batch
+    split.runner._score_batch = lambda batch: passes.append(len(batch)) or score_batch(batch)
+    for whole, part in zip(scores, split.score(prompts, responses), strict=True):
+        torch.testing.assert_close(part, whole, atol=1e-5, rtol=1e-5)
+    assert passes == [1, 1]
 
 
 class StubProvider:
