@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -48,6 +49,31 @@ def test_update_lowers_the_rebel_loss_of_its_batch(setup, tmp_path):
     with torch.no_grad():
         after = loss()
     assert before == pytest.approx(1.0, abs=1e-4) and after < 0.5 * before
+
+
+def test_minibatches_are_sequential_adamw_steps_on_each_pairs_rebel_loss(setup, tmp_path):
+    """minibatch_size 1 over 2 pairs, 2 epochs: four AdamW steps, each on one pair's loss with that pair's
+    rewards, replayed here by hand on a copy of the PCM."""
+    config = make_config(setup, tmp_path, batch_size=2, minibatch_size=1, epochs=2, lr=1e-2, grad_clip=1e9,
+                         schedule="constant", warmup_steps=0)
+    trainer = Trainer(config)
+    rollout = trainer.rollout(trainer.batch(1), 1)
+    rewards = torch.tensor([0.9, 0.1, 0.3, 0.8])
+    reference = copy.deepcopy(trainer.pcm)
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=config.weight_decay)
+    for _ in range(2):
+        for pair in (0, 1):
+            part = rollout.pairs(pair, pair + 1)
+            loss = rebel_loss(trainer.policy_logprobs(part, reference), part.old_logp,
+                              rewards[2 * pair : 2 * pair + 2], config.eta)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    trainer.update(rollout, rewards)
+    assert trainer.optimizer.state[trainer.params[0]]["step"] == 4
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(trainer.pcm.state_dict()[name], value, atol=1e-6, rtol=1e-5)
 
 
 def test_resume_continues_exactly(setup, tmp_path):
