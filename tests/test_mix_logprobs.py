@@ -9,7 +9,7 @@ from mope.kernels.mix_reference import mix_logprobs_reference
 
 HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
 BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
-TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-4, rtol=1e-4)}
+TOLERANCE = dict.fromkeys((torch.float32, torch.bfloat16, torch.float16), dict(atol=1e-4, rtol=1e-4))
 
 
 def random_inputs(num_experts: int, batch: int, vocab: int, dtype: torch.dtype, seed: int):
@@ -25,7 +25,7 @@ def random_inputs(num_experts: int, batch: int, vocab: int, dtype: torch.dtype, 
     return logits.to(dtype), weights, tokens, temperature
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["prob", "logit"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_values_and_gradients_match_autograd_through_the_reference(backend, mode, dtype):

@@ -26,7 +26,7 @@ BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 # logprobs are computed in fp32 from the same (upcast) logits by every backend: the tolerance covers
 # exp/log rounding over V terms, not the input dtype.
-TOLERANCE = {torch.float32: dict(atol=2e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-4, rtol=1e-4)}
+TOLERANCE = dict.fromkeys((torch.float32, torch.bfloat16, torch.float16), dict(atol=2e-4, rtol=1e-4))
 
 
 def random_case(num_experts: int, batch: int, vocab: int, dtype: torch.dtype, seed: int) -> dict:
@@ -74,9 +74,9 @@ def assert_matches_reference(out: MixSample, expected: tuple, dtype: torch.dtype
 
 CPU_GRID = [(mode, dtype, k) for mode in ("prob", "logit") for dtype in (torch.float32, torch.bfloat16)
             for k in (1, 2, 3, 6)]
-# Every mode, dtype and K at least once, in four interpreter launches.
+# Every mode, dtype and K at least once, in five interpreter launches.
 TRITON_GRID = [("prob", torch.float32, 3), ("logit", torch.bfloat16, 6), ("prob", torch.bfloat16, 1),
-               ("logit", torch.float32, 2)]
+               ("logit", torch.float32, 2), ("prob", torch.float16, 2)]
 
 
 @pytest.mark.parametrize(("backend", "mode", "dtype", "num_experts"),
