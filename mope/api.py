@@ -40,13 +40,16 @@ def check_pcm_experts(pcm: PCM, experts: list[str]) -> None:
         raise ValueError(f"the PCM weighs {pcm.n_experts} experts, but the engine has {len(experts)}")
     if pcm.expert_names is None:
         return
-    trained = [os.path.basename(os.path.normpath(e)) for e in pcm.expert_names]
-    given = [os.path.basename(os.path.normpath(e)) for e in experts]
-    if trained == given:
-        return
-    if sorted(trained) == sorted(given):
-        raise ValueError(f"the PCM was trained with the experts in the order {pcm.expert_names}; pass them "
-                         f"in that order (got {experts})")
+    # the same experts: the same paths, or (checkpoints that moved) the same distinct folder names
+    for key in (os.path.realpath, lambda e: os.path.basename(os.path.normpath(e))):
+        trained, given = [key(e) for e in pcm.expert_names], [key(e) for e in experts]
+        if len(set(trained)) < len(trained):
+            continue
+        if trained == given:
+            return
+        if sorted(trained) == sorted(given):
+            raise ValueError(f"the PCM was trained with the experts in the order {pcm.expert_names}; pass "
+                             f"them in that order (got {experts})")
     warnings.warn(f"the PCM was trained with experts {pcm.expert_names}, not {experts}: its weight k goes to "
                   "the k-th expert given here", stacklevel=3)
 

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from mope.engine.engine import check_device
 from mope.engine.sampling_params import SamplingParams
 
 import mope.cli
-from mope.api import Engine
+from mope.api import Engine, check_pcm_experts
 from mope.cli import main
 from mope.pcm import PCM
 from mope.rebel import rebel_loss
@@ -43,6 +44,27 @@ def test_a_pcm_refuses_experts_in_another_order_or_number(setup):
         assert Engine(experts, pcm=pcm).provider is pcm  # the order it was trained with: no warning
     with pytest.warns(UserWarning, match="its weight k goes to the k-th expert"):
         Engine(experts, pcm=trained_pcm(experts, ["x", "y", "z"]))
+
+
+@pytest.mark.parametrize("trained, given, outcome", [
+    (["/r/a/model", "/r/b/model"], ["/r/a/model", "/r/b/model"], None),
+    (["/r/a/model", "/r/b/model"], ["/r/b/model", "/r/a/model"], "order"),  # same folder names: by path
+    (["/old/e0", "/old/e1"], ["/new/e0", "/new/e1"], None),  # moved: by their distinct folder names
+    (["/old/e0", "/old/e1"], ["/new/e1", "/new/e0"], "order"),
+    (["/old/e0", "/old/e1"], ["/new/f0", "/new/f1"], "warn"),
+])
+def test_pcm_experts_are_matched_by_path_then_by_folder_name(trained, given, outcome):
+    pcm = SimpleNamespace(n_experts=2, expert_names=trained)
+    if outcome == "order":
+        with pytest.raises(ValueError, match="in that order"):
+            check_pcm_experts(pcm, given)
+    elif outcome == "warn":
+        with pytest.warns(UserWarning, match="the PCM was trained with experts"):
+            check_pcm_experts(pcm, given)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_pcm_experts(pcm, given)
 
 
 @pytest.mark.parametrize("call, message", [
