@@ -82,9 +82,16 @@ def test_auto_keeps_autograd():
     """With gradients needed, "auto" takes the differentiable torch path: gradients as the formula's."""
     x = torch.randn(3, 8, requires_grad=True)
     weight = torch.rand(8, requires_grad=True)
-    out, total = rms_norm(x, weight, 1e-6, torch.randn(3, 8))
+    residual = torch.randn(3, 8)
+    out, total = rms_norm(x, weight, 1e-6, residual)
     (out.sum() + silu_mul(total).sum()).backward()
-    assert x.grad is not None and weight.grad is not None
+    x_ref, weight_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    total_ref = x_ref + residual  # the formulas written out
+    out_ref = total_ref * torch.rsqrt(total_ref.pow(2).mean(-1, keepdim=True) + 1e-6) * weight_ref
+    gate, up = total_ref.chunk(2, dim=-1)
+    (out_ref.sum() + (gate * torch.sigmoid(gate) * up).sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(weight.grad, weight_ref.grad)
 
 
 @pytest.mark.parametrize(

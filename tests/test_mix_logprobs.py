@@ -1,14 +1,11 @@
 """mix_logprobs: values and weight gradients of every backend against autograd through the torch reference."""
 
-import importlib.util
-
 import pytest
 import torch
 from mope.kernels import mix_logprobs, mix_sample
 from mope.kernels.mix_reference import mix_logprobs_reference
 
-HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
-BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
+BACKENDS = ["torch", "cpu", "triton"]
 TOLERANCE = dict.fromkeys((torch.float32, torch.bfloat16, torch.float16), dict(atol=1e-4, rtol=1e-4))
 
 

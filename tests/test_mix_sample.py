@@ -21,8 +21,7 @@ from mope.kernels.validate import validate_mix_sample_args
 from tests.helpers import run_python
 
 mix_sample_module = importlib.import_module("mope.kernels.mix_sample")
-HAS_TRITON_BACKEND = importlib.util.find_spec("mope.kernels.mix_triton") is not None
-BACKENDS = ["torch", "cpu"] + (["triton"] if HAS_TRITON_BACKEND else [])
+BACKENDS = ["torch", "cpu", "triton"]
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 # logprobs are computed in fp32 from the same (upcast) logits by every backend: the tolerance covers
 # exp/log rounding over V terms, not the input dtype.
@@ -80,8 +79,7 @@ TRITON_GRID = [("prob", torch.float32, 3), ("logit", torch.bfloat16, 6), ("prob"
 
 
 @pytest.mark.parametrize(("backend", "mode", "dtype", "num_experts"),
-                         [("cpu", *c) for c in CPU_GRID] + [("triton", *c) for c in TRITON_GRID]
-                         if HAS_TRITON_BACKEND else [("cpu", *c) for c in CPU_GRID])
+                         [("cpu", *c) for c in CPU_GRID] + [("triton", *c) for c in TRITON_GRID])
 def test_backend_matches_reference(backend, mode, dtype, num_experts):
     batch, vocab = (6, 1500) if backend == "triton" else (24, 2999)  # V not a multiple of any block
     case = random_case(num_experts, batch, vocab, dtype, seed=num_experts * 10 + len(mode))
@@ -183,7 +181,6 @@ def test_draws_follow_the_exact_truncated_mixture(backend, mode, temperature, to
     assert p_value > 1e-4, f"chi2 {chi2.item():.1f} with {dof} dof"  # a correct sampler fails 1 in 10^4
 
 
-@pytest.mark.skipif(not HAS_TRITON_BACKEND, reason="kernels/mix_triton.py not written yet")
 @pytest.mark.parametrize("mode", ["prob", "logit"])
 def test_triton_draw_is_the_exact_inverse_cdf(mode):
     # 20,000 interpreted draws would take an hour: instead check the map u -> token exactly, at uniforms
