@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from mope.kernels.paged_attention import paged_decode_attention, store_kv
 
 BACKENDS = ["torch", "cpu", "triton"]
-TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# bf16: the output rounded to bf16 (2^-8 relative; measured at most 3.2e-3 against the fp64 dense reference)
+TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=4e-3, rtol=4e-3)}
 
 
 def make_case(
