@@ -48,13 +48,18 @@ def adapter_base(path: Path) -> Path | None:
     return Path(base).resolve()
 
 
+def tokenizer_dir(path: Path, base: Path | None) -> Path:
+    """Where the tokenizer of checkpoint `path` is: its own files, or those of `base` (an adapter's, None
+    for a full checkpoint) when it has none."""
+    if base is None or any((path / name).is_file() for name in TOKENIZER_FILES):
+        return path
+    return base
+
+
 def expert_config_and_tokenizer(path: Path) -> tuple[ModelConfig, object]:
     """Config and tokenizer of an expert (an adapter: its base's config, its own tokenizer if it has one)."""
     base = adapter_base(path)
-    if base is None:
-        return ModelConfig.from_pretrained(path), load_tokenizer(path)
-    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
-    return ModelConfig.from_pretrained(base), load_tokenizer(path if has_tokenizer else base)
+    return ModelConfig.from_pretrained(base or path), load_tokenizer(tokenizer_dir(path, base))
 
 
 def load_experts(paths: list[Path], device: torch.device, dtype: torch.dtype

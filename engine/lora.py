@@ -282,25 +282,36 @@ class LoRALinear(nn.Module):
                                                 step.rows.adapter_index, expand)
 
 
-def check_layers(adapter: LoRAAdapter, num_layers: int) -> None:
-    """Refuse an adapter with factors for layers the base does not have."""
-    deep = [layer for layer, _ in adapter.weights if layer >= num_layers]
-    if deep:
-        raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {num_layers}")
+def stack_all(model: CausalLM, adapters: list[LoRAAdapter]) -> dict[tuple[int, str], StackedLoRA]:
+    """The StackedLoRA of every (layer, fused projection) of `model` that an adapter targets."""
+    num_layers = len(model.model.layers)
+    for adapter in adapters:
+        deep = [layer for layer, _ in adapter.weights if layer >= num_layers]
+        if deep:
+            raise ValueError(f"{adapter.path}: adapter has layer {max(deep)}; the base has {num_layers}")
+    stacks = {}
+    for layer in range(num_layers):
+        for fused, shards in FUSED_SHARDS.items():
+            stacked = stack_adapters(projection(model, layer, fused), shards, layer, adapters)
+            if stacked is not None:
+                stacks[(layer, fused)] = stacked
+    return stacks
+
+
+@torch.no_grad()
+def add_merged(model: CausalLM, stacks: dict[tuple[int, str], StackedLoRA], mix: list[float]) -> None:
+    """Add sum_l mix[l] * B_l A_l of every stack into `model`'s weights (its LoRALinears' base layers)."""
+    for (layer, fused), lora in stacks.items():
+        coefficients = torch.tensor(mix, dtype=lora.b.dtype, device=lora.b.device)[:, None, None]
+        linear = projection(model, layer, fused)  # in a LoRAGroup's own base: its LoRALinear's base layer
+        weight = getattr(linear, "base_layer", linear).weight
+        weight += ((lora.b * coefficients) @ lora.a).sum(0).to(weight.device, weight.dtype)
 
 
 def merge_adapter(model: CausalLM, path: str | Path, base_path: str | Path | None = None) -> None:
     """Add the adapter at `path` into `model`'s weights, W += B A scaled (peft's merge_and_unload): `model`
     then is the adapted model (a PCM backbone given as an adapter, say)."""
-    adapter = load_adapter(path, base_path)
-    check_layers(adapter, len(model.model.layers))
-    with torch.no_grad():
-        for layer in range(len(model.model.layers)):
-            for fused, shards in FUSED_SHARDS.items():
-                linear = projection(model, layer, fused)
-                lora = stack_adapters(linear, shards, layer, [adapter])
-                if lora is not None:
-                    linear.weight += (lora.b[0] @ lora.a[0]).to(linear.weight.device, linear.weight.dtype)
+    add_merged(model, stack_all(model, [load_adapter(path, base_path)]), [1.0])
 
 
 class LoRAGroup(nn.Module):
@@ -322,18 +333,11 @@ class LoRAGroup(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.base = base
         self.adapters = [load_adapter(p, base_path) for p in adapters]
-        layers = base.model.layers
-        for adapter in self.adapters:
-            check_layers(adapter, len(layers))
         self.step, self.backend = StepRows(), backend
-        self.stacks: dict[tuple[int, str], StackedLoRA] = {}
-        for i in range(len(layers)):
-            for fused, shards in FUSED_SHARDS.items():
-                linear = projection(base, i, fused)
-                stacked = stack_adapters(linear, shards, i, self.adapters)
-                if stacked is not None:
-                    self.stacks[(i, fused)] = stacked
-                    set_projection(base, i, fused, LoRALinear(linear, stacked, self.step, backend))
+        self.stacks = stack_all(base, self.adapters)
+        for (i, fused), stacked in self.stacks.items():
+            linear = LoRALinear(projection(base, i, fused), stacked, self.step, backend)
+            set_projection(base, i, fused, linear)
         # one projection's folded weight: all have the base's dtype and device (for `takes_packed_path`)
         projections = (m for m in base.modules() if isinstance(m, LoRALinear))
         self._folded_weight = next((m.folded_weight for m in projections), None)
@@ -368,17 +372,13 @@ class LoRAGroup(nn.Module):
         return (self.backend == "auto" and folded is not None and packed_linear.available()
                 and rows_take_packed_path(rows, device, folded.dtype, folded))
 
-    @torch.no_grad()
     def merge_into(self, model: CausalLM, mix: list[float]) -> None:
         """Add sum_l mix[l] * B_l A_l into `model`'s weights (a model of the base's shape): with a one-hot
         `mix` the adapter merged into the base, with uniform `mix` the Personalized Soups average."""
         if len(mix) != len(self.adapters):
             raise ValueError(f"mix must hold one coefficient per adapter ({len(self.adapters)}), "
                              f"got {len(mix)}")
-        for (layer, fused), lora in self.stacks.items():
-            coefficients = torch.tensor(mix, dtype=lora.b.dtype, device=lora.b.device)[:, None, None]
-            linear = projection(model, layer, fused)  # this group's own base: its LoRALinear's base layer
-            getattr(linear, "base_layer", linear).weight += ((lora.b * coefficients) @ lora.a).sum(0)
+        add_merged(model, self.stacks, mix)
 
     def remove(self) -> None:
         """Detach the adapters: the base model computes the plain base again."""

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from mope.checkpoint import atomic_directory
 from mope.engine.config import ModelConfig
 from mope.engine.context import AttentionContext
-from mope.engine.experts import adapter_base
-from mope.engine.loader import TOKENIZER_FILES, checkpoint_targets, load_model, load_tokenizer
+from mope.engine.experts import adapter_base, tokenizer_dir
+from mope.engine.loader import checkpoint_targets, load_model, load_tokenizer
 from mope.engine.lora import merge_adapter
 from mope.engine.model import CausalLM
 from mope.preferences import Dimension, Preference, PreferenceRegistry, default_registry
@@ -59,14 +59,14 @@ class PCM(nn.Module):
         backbone, and a fresh head (seeded)."""
         from transformers import AutoConfig
 
-        base = adapter_base(Path(path))  # None unless `path` is an adapter directory
+        path = Path(path)
+        base = adapter_base(path)  # None unless `path` is an adapter directory
         model = load_model(base or path, device, dtype)
         if base is not None:
             merge_adapter(model, path, base)
         hf_config = AutoConfig.from_pretrained(base or path, local_files_only=True)
-        has_tokenizer = any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
         torch.manual_seed(seed)
-        return cls(model, hf_config, load_tokenizer(path if has_tokenizer else base), n_experts, **kwargs)
+        return cls(model, hf_config, load_tokenizer(tokenizer_dir(path, base)), n_experts, **kwargs)
 
     @classmethod
     def fresh(cls, tokenizer_path: str | Path, n_experts: int, device: str = "cpu",
