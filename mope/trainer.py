@@ -92,11 +92,8 @@ def build_pcm(config: TrainConfig) -> PCM:
     dtype, k = DTYPES[config.dtype], len(config.experts)
     if config.pcm is not None:
         path = Path(config.pcm)
-        if (path / "pcm.json").is_file():
-            pcm = PCM.load(path, config.device, dtype)
-            if pcm.n_experts != k:
-                raise ValueError(f"pcm {path} has {pcm.n_experts} experts, the config lists {k}")
-            return pcm
+        if (path / "pcm.json").is_file():  # its expert count is checked by the Trainer, as any PCM's
+            return PCM.load(path, config.device, dtype)
     registry = load_registry(config.preferences_file) if config.preferences_file else None
     if config.pcm is not None:
         return PCM.from_backbone(config.pcm, k, config.device, dtype, seed=config.seed, registry=registry)
