@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
-# eval options a train config also sets, with their defaults when neither the command line nor a config does
-EVAL_CONFIG_KEYS = {"device": "cpu", "dtype": "float32", "mix_mode": "prob", "max_tokens": 128,
-                    "preferences": None, "preferences_file": None, "reference": "uniform"}
+# eval options a train config also sets: the command line's value, else the config's, else the default
+EVAL_CONFIG_KEYS = ("device", "dtype", "mix_mode", "max_tokens", "preferences", "preferences_file",
+                    "reference")
 
 
 def add_engine_args(p: argparse.ArgumentParser, experts_required: bool = True) -> None:
@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompting-expert", type=int, default=0, help="expert used for preference prompting")
     ev.add_argument("--limit", type=int, help="evaluate the first N prompts only")
     ev.add_argument("--output", default="eval.json", metavar="FILE", help="JSON report (default: eval.json)")
-    # None = not given: the config's value, else the default in the help (resolved by cmd_eval)
-    ev.set_defaults(func=cmd_eval, **dict.fromkeys(EVAL_CONFIG_KEYS))
+    # None = not given: the config's value, else the argument's default (resolved by cmd_eval)
+    ev.set_defaults(func=cmd_eval, option_defaults={key: ev.get_default(key) for key in EVAL_CONFIG_KEYS},
+                    **dict.fromkeys(EVAL_CONFIG_KEYS))
 
     try:
         importlib.import_module("mope.demo.cli").add_parser(sub)
@@ -203,9 +204,9 @@ def cmd_eval(args) -> None:
         experts, reward_specs = experts or config.experts, config.rewards
         checkpoint = latest_checkpoint(config.output_dir)
         pcm = pcm or (str(checkpoint / "pcm") if checkpoint else None)
-    for key, default in EVAL_CONFIG_KEYS.items():
+    for key in EVAL_CONFIG_KEYS:
         if getattr(args, key) is None:
-            setattr(args, key, getattr(config, key) if config is not None else default)
+            setattr(args, key, getattr(config, key) if config is not None else args.option_defaults[key])
     if args.rewards:
         reward_specs = read_mapping(args.rewards)
     if not experts or not reward_specs:
