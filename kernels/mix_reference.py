@@ -92,26 +92,29 @@ def expert_logprobs_at(logits: Tensor, weights: Tensor, tokens: Tensor, temperat
     return out
 
 
+def mix_logprobs_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temperature: Tensor,
+                           mode: str) -> Tensor:
+    """log pi(token) (N,) of the untruncated tempered mixture; differentiable w.r.t. weights (0 where
+    w_k = 0). Prob mode: logsumexp_k (log w_k + log p_k(token)), finite where pi(token) underflows fp32
+    (as in the kernels)."""
+    if mode != "prob":
+        return mixture(logits, weights, temperature, mode)[1].gather(-1, tokens[:, None]).squeeze(1)
+    active = weights.detach() > 0
+    log_w = torch.where(active, weights, torch.ones_like(weights)).log()
+    log_p = expert_logprobs_at(logits, weights, tokens, temperature)
+    return torch.logsumexp(torch.where(active, log_w + log_p, float("-inf")), dim=1)
+
+
 def mix_sample_reference(logits: Tensor, weights: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
                          seed: Tensor, offset: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
     """(tokens int64 (B,), logprobs fp32 (B,), expert_logprobs fp32 (B, K)) as in DESIGN.md."""
-    probs, log_pi = mixture(logits, weights, temperature, mode)
+    probs, _ = mixture(logits, weights, temperature, mode)
     keep = truncation_mask(probs, top_k, top_p)
     sampled = inverse_cdf(probs, keep, philox_uniform(seed, offset))
     greedy = probs.argmax(dim=-1)
     tokens = torch.where(temperature > 0, sampled, greedy)
-    logprobs = log_pi.gather(-1, tokens[:, None]).squeeze(1)
+    logprobs = mix_logprobs_reference(logits, weights, tokens, temperature, mode)
     return tokens, logprobs, expert_logprobs_at(logits, weights, tokens, temperature)
-
-
-def mix_logprobs_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temperature: Tensor,
-                           mode: str) -> Tensor:
-    """log pi(token) (N,) of the untruncated tempered mixture; differentiable w.r.t. weights."""
-    probs, log_pi = mixture(logits, weights, temperature, mode)
-    if mode == "prob":  # gather before the log: log'(0) at tokens of probability 0 would make NaN gradients
-        return probs.gather(-1, tokens[:, None]).squeeze(1).log()
-    return log_pi.gather(-1, tokens[:, None]).squeeze(1)
-
 
 
 def mix_logprobs_forward_reference(logits: Tensor, weights: Tensor, tokens: Tensor, temperature: Tensor,
@@ -122,8 +125,8 @@ def mix_logprobs_forward_reference(logits: Tensor, weights: Tensor, tokens: Tens
     logit: d log pi(tok) / d w_k = (l_k(tok) - E_pi[l_k]) / T, with l_k = log_softmax(z_k)
     """
     weights = weights.detach()
-    probs, log_pi = mixture(logits, weights, temperature, mode)
-    logprobs = log_pi.gather(-1, tokens[:, None]).squeeze(1)
+    probs, _ = mixture(logits, weights, temperature, mode)
+    logprobs = mix_logprobs_reference(logits, weights, tokens, temperature, mode)
     jacobian = torch.zeros_like(weights)
     t = effective_temperature(temperature)
     for k in range(logits.shape[0]):

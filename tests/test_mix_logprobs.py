@@ -47,6 +47,28 @@ def test_values_and_gradients_match_autograd_through_the_reference(backend, mode
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_whose_mixture_probability_underflows_fp32_keeps_a_finite_logprob(backend):
+    # pi(token) ~ e^-125, below fp32's smallest normal (e^-87.3): log pi is still exact, and so is its gradient
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 3, 64, generator=g)
+    logits[0, :, 5], logits[1, :, 5] = -120.0, -130.0
+    weights = torch.tensor([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0]])
+    tokens, temperature = torch.full((3,), 5), torch.ones(3)
+    log_p = torch.log_softmax(logits.double(), dim=-1)[:, torch.arange(3), tokens].T  # (B, K)
+    expected = torch.logsumexp(weights.double().log() + log_p, dim=1)
+
+    ours_weights = weights.clone().requires_grad_()
+    got = mix_logprobs(logits, ours_weights, tokens, temperature=temperature, mode="prob", backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-6)
+    expected_grad = torch.where(weights > 0, (log_p - expected[:, None]).exp(), 0.0)  # p_k / pi, 0 if w_k = 0
+    torch.testing.assert_close(ours_weights.grad.double(), expected_grad, atol=1e-6, rtol=1e-4)
+    sample = mix_sample(logits, weights, temperature=0.0, top_p=1.0, top_k=0, seed=0, offset=0, mode="prob",
+                        backend=backend)
+    assert sample.logprobs.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_saves_no_vocabulary_sized_tensor(backend):
     batch, vocab = 3, 517
     logits, weights, tokens, temperature = random_inputs(2, batch, vocab, torch.float32, seed=3)
