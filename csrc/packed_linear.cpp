@@ -212,7 +212,8 @@ torch::Tensor pack_expand(const torch::Tensor& weight, const torch::Tensor& k_ra
 
 void check_packed(const torch::Tensor& packed, int64_t k_dim, int64_t out_features, const char* name) {
   check(packed.dim() == 3 && packed.size(2) == kPanel && packed.size(1) == k_dim && packed.is_contiguous()
-            && packed.scalar_type() == torch::kFloat32 && (out_features + kPanel - 1) / kPanel == packed.size(0),
+            && packed.scalar_type() == torch::kFloat32 && out_features >= 0  // (-31..-1 round to 0 panels)
+            && (out_features + kPanel - 1) / kPanel == packed.size(0),
         std::string(name) + " must come from pack_weight of an (" + std::to_string(out_features) + ", "
             + std::to_string(k_dim) + ") weight");
 }
@@ -350,7 +351,8 @@ void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, c
                                cols, nullptr, 0);
       continue;
     }
-    for (int64_t k0 = 0; k0 < k_dim; k0 += kSlice) {
+    // k_dim = 0 still takes one (empty) slice: it writes the bias, or zeros
+    for (int64_t k0 = 0; k0 < std::max<int64_t>(k_dim, 1); k0 += kSlice) {
       const int64_t k_len = std::min(kSlice, k_dim - k0);
       const float* w = packed + (p * k_dim + k0) * kPanel;
       for (int64_t c = 0; c < chunks; ++c) {
@@ -359,7 +361,7 @@ void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, c
         const int64_t n = expand && k0 + k_len == k_dim ? expand->spans_of(c, p, spans.data()) : 0;
         kSlicedKernels[k0 > 0][std::min(kMaxRows, rows - r) - 1](
             x + r * k_dim + k0, k_dim, w, k_len, spans.data(), n, k0 == 0 ? panel_bias : nullptr, y_panel + r * ldy,
-            ldy, cols, ahead, share / k_len);
+            ldy, cols, ahead, share / std::max<int64_t>(k_len, 1));
       }
     }
   }

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lora_triton import LoRATiles, add_lora_triton, lora_tiles
-from .validate import describe
+from .validate import describe, is_integer
 
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,8 +43,7 @@ class LoRARows:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         if not isinstance(adapter_index, Tensor) or adapter_index.dim() != 1:
             raise ValueError(f"adapter_index must be a (N,) tensor, got {describe(adapter_index)}")
-        dtype = adapter_index.dtype
-        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        if not is_integer(adapter_index.dtype):
             raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
         index = adapter_index.to(torch.int64)
         if not index.is_cuda and len(index):

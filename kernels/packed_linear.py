@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .cpp_build import load_cpp
-from .validate import describe
+from .validate import describe, is_integer
 
 PANEL = 32  # outputs per panel of a packed weight
 MAX_ROWS = 256  # measured 1.2x sgemm at 128-256 rows, 0.9x at 512 (its blocking wins larger products)
@@ -85,6 +85,8 @@ def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tenso
     _require_available()
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
         raise ValueError(f"adapter_index must be ({x.shape[0]},), got {describe(adapter_index)}")
+    if not is_integer(adapter_index.dtype):  # .to(int64) would truncate it
+        raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
     return load_cpp("packed_linear").packed_lora_linear(
         _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(),
         expand.panels, expand.k_ranges, expand.width)

@@ -129,6 +129,9 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     if module is not None:  # checks shapes, dtypes and every slot itself
         module.store_kv(k, v, k_cache, v_cache, slot_mapping)
         return
+    if v_cache.shape[:2] != k_cache.shape[:2]:
+        raise ValueError(f"v_cache must have k_cache's (blocks, block_size) = {tuple(k_cache.shape[:2])}, "
+                         f"got {tuple(v_cache.shape)}")
     block_size, capacity = k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1]
     checked = k.is_cpu and len(slot_mapping)  # on CUDA the check would cost a device sync per layer
     if checked and not 0 <= int(slot_mapping.min()) <= int(slot_mapping.max()) < capacity:

@@ -77,7 +77,7 @@ def per_row(value, batch: int, device: torch.device, name: str, *, integer: bool
     if isinstance(value, Tensor):
         if value.shape not in ((batch,), ()):
             raise ValueError(f"{name} must be a number or a ({batch},) tensor, got {describe(value)}")
-        if integer and not _is_integer(value.dtype):
+        if integer and not is_integer(value.dtype):
             raise ValueError(f"{name} must have an integer dtype, got {value.dtype}")
         if not integer and value.dtype == torch.bool:
             raise ValueError(f"{name} must be a real number, got {value.dtype}")
@@ -130,7 +130,7 @@ def validate_mix_sample_args(logits: Tensor, weights: Tensor, *, temperature, to
 def check_tokens(tokens: Tensor, batch: int, vocab: int, device: torch.device) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.shape != (batch,):
         raise ValueError(f"tokens must be a ({batch},) tensor, got {describe(tokens)}")
-    if not _is_integer(tokens.dtype):
+    if not is_integer(tokens.dtype):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
     if tokens.device != device:
         raise ValueError(f"tokens must be on the logits' device {device}, got {tokens.device}")
@@ -170,7 +170,8 @@ def _first_bad(values: Tensor, bad: Tensor) -> str:
     return f"{values[row].item()} in row {row}"
 
 
-def _is_integer(dtype: torch.dtype) -> bool:
+def is_integer(dtype: torch.dtype) -> bool:
+    """Whether `dtype` holds integers (bool does not count)."""
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 

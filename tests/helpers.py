@@ -34,6 +34,26 @@ def _cpu_has_avx512f() -> bool:
 
 
 PACKED_LINEAR_RUNS = HAS_COMPILER and _cpu_has_avx512f()
+
+
+def on_threads(threads: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch's thread count set to `threads` (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_within_fp32_rounding(out: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor):
+    """|out - expected| <= 1e-5 of the sum of the |terms| (fp32 accumulation of up to ~300 products)."""
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    error = (out.double() - expected).abs()
+    bad = error > 1e-5 * magnitude + 1e-6
+    assert not bad.any(), f"max error {error.max().item()} at {bad.nonzero()[:4].tolist()}"
+
+
 CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 QWEN_UNK_TOKEN = "<|endoftext|>"

@@ -4,8 +4,12 @@ reference (transformers' Llama modules and plain formulas), shapes as the model 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mope.kernels.decoder_ops import rms_norm, rotary, silu_mul
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from tests.helpers import on_threads
 
 BACKENDS = ["torch", "cpu"]
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -112,3 +116,81 @@ def test_auto_keeps_autograd():
 def test_bad_inputs_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---- Property-based fuzzing (hypothesis) of the C++ ops against float64 formulas ----
+# Odd and vector-width-straddling sizes, 1 row to several parallel tasks, strided row views as the model
+# hands them over (a shard of a fused projection, every other row), 1 and 2 threads.
+FUZZ_ROWS = st.sampled_from([1, 15, 16, 17, 300]) | st.integers(1, 130)
+FUZZ_WIDTHS = st.sampled_from([1, 2, 3, 15, 16, 17, 33, 1023, 4097]) | st.integers(1, 200)
+FUZZ_SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.too_slow])
+
+
+def fuzz_rows(g, rows, width, layout, scale=1.0):
+    """(rows, width) fp32: contiguous, a column slice of a wider output, or every other row."""
+    if layout == "column-slice":
+        return (torch.randn(rows, width + 5, generator=g) * scale)[:, 2 : 2 + width]
+    if layout == "every-other-row":
+        return (torch.randn(2 * rows, width, generator=g) * scale)[::2]
+    return torch.randn(rows, width, generator=g) * scale
+
+
+LAYOUTS = st.sampled_from(["contiguous", "column-slice", "every-other-row"])
+
+
+@FUZZ_SETTINGS
+@given(rows=FUZZ_ROWS, hidden=FUZZ_WIDTHS, heads=st.sampled_from([None, 1, 3]), with_residual=st.booleans(),
+       layout=LAYOUTS, scale=st.sampled_from([1e-3, 1.0, 50.0]), eps=st.sampled_from([1e-6, 0.1]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_fuzz_rms_norm_cpu_matches_formula(rows, hidden, heads, with_residual, layout, scale, eps, threads,
+                                           seed):
+    """heads: (N, heads, hidden) input (Qwen3's q/k norm), else (N, hidden)."""
+    g = torch.Generator().manual_seed(seed)
+    width = hidden * (heads or 1)
+    x = fuzz_rows(g, rows, width, layout, scale)
+    residual = fuzz_rows(g, rows, width, layout, scale) if with_residual else None
+    if heads:
+        x, residual = (t if t is None else t.unflatten(-1, (heads, hidden)) for t in (x, residual))
+    weight = torch.rand(hidden, generator=g) + 0.5
+    result = on_threads(threads, rms_norm, x, weight, eps, residual, backend="cpu")
+    total = x.double() + (residual.double() if with_residual else 0)
+    expected = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    out = result[0] if with_residual else result
+    if with_residual:
+        assert torch.equal(result[1], x + residual)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE)
+
+
+@FUZZ_SETTINGS
+@given(rows=FUZZ_ROWS, size=FUZZ_WIDTHS, layout=LAYOUTS, scale=st.sampled_from([1.0, 30.0, 100.0]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_fuzz_silu_mul_cpu_matches_formula(rows, size, layout, scale, threads, seed):
+    gate_up = fuzz_rows(torch.Generator().manual_seed(seed), rows, 2 * size, layout, scale)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    out = on_threads(threads, silu_mul, gate_up, backend="cpu")
+    torch.testing.assert_close(out.double(), F.silu(gate) * up, **TOLERANCE)
+
+
+@FUZZ_SETTINGS
+@given(rows=FUZZ_ROWS, heads=st.integers(1, 9), kv_heads=st.integers(1, 4),
+       half=st.sampled_from([1, 2, 3, 8, 9, 32, 64]), fused=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_fuzz_rotary_cpu_matches_formula(rows, heads, kv_heads, half, fused, threads, seed):
+    """fused: q and k as views of one qkv projection output (row stride past their heads)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = 2 * half
+    if fused:
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim + 3, generator=g)[:, 3:]
+        q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k = q.unflatten(-1, (heads, dim)), k.unflatten(-1, (kv_heads, dim))
+    else:
+        q, k = torch.randn(rows, heads, dim, generator=g), torch.randn(rows, kv_heads, dim, generator=g)
+    angles = torch.rand(rows, 1, half, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_out, k_out = on_threads(threads, rotary, q, k, cos, sin, backend="cpu")
+    for out, x in ((q_out, q), (k_out, k)):
+        x1, x2 = x.double().chunk(2, dim=-1)
+        c, s = cos.double(), sin.double()
+        expected = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCE)

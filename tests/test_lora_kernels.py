@@ -4,10 +4,12 @@ decode steps (packed_linear.packed_lora_linear)."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mope.kernels import packed_linear
 from mope.kernels.lora import LoRARows, add_lora
 
-from tests.helpers import PACKED_LINEAR_RUNS
+from tests.helpers import PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads
 
 BACKENDS = ["torch", "triton"]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -87,7 +89,7 @@ def test_no_rows_and_all_base_rows(backend):
 def packed_lora(x, weight, bias, lora_a, lora_b, index, scaling):
     """x @ weightᵀ + bias + each row's delta through packed_lora_linear, as engine/lora.py builds it."""
     num_adapters, rank, hidden = lora_a.shape
-    folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(-1, hidden)]))
+    folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * rank, hidden)]))
     expand = (lora_b * scaling[:, None, None]).permute(1, 0, 2).reshape(weight.shape[0], -1)
     return packed_linear.packed_lora_linear(x, folded, weight.shape[0], bias, index,
                                             packed_linear.pack_lora_expand(expand, num_adapters))
@@ -189,3 +191,78 @@ def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton"):
         add_lora(base, x, lora_a, lora_b, index, backend="triton")
+
+
+@needs_packed
+@pytest.mark.parametrize("num_rows,hidden", [
+    pytest.param(13, 0, id="k0-past-12-rows"),  # no 128-k slice ran: y was left unwritten (not the bias)
+])
+def test_packed_lora_linear_regressions(num_rows, hidden):
+    """Minimal cases the fuzzing below found (each failed before its fix)."""
+    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, hidden=hidden, out_features=5)
+    weight, bias = torch.randn(5, hidden), torch.randn(5)
+    out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
+    expected = dense_per_row(x, lora_a, lora_b, index, torch.nn.functional.linear(x, weight, bias), scaling)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+
+
+@needs_packed
+def test_packed_lora_linear_refuses_a_float_adapter_index():
+    """A float index was cast to int64 (0.9 -> adapter 0): now a ValueError, as add_lora's."""
+    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=6)
+    weight = torch.randn(70, 80)
+    with pytest.raises(ValueError, match="adapter_index must have an integer dtype"):
+        packed_lora(x, weight, None, lora_a, lora_b, index.float() + 0.9, scaling)
+
+
+# ---- Property-based fuzzing (hypothesis) of packed_lora_linear against a float64 per-row reference ----
+# 1-4 adapters of different ranks (zero-padded to the widest), a fused projection of 1-3 shards of which each
+# adapter targets some (block-diagonal expand; possibly none), rows of -1 mixed in, sorted runs, all rows
+# one adapter or none, row counts up to MAX_ROWS, K empty/odd/around the 128-k slices, 1 and 2 threads.
+@st.composite
+def fuzz_lora_layer(draw):
+    num_adapters, rank = draw(st.integers(1, 4)), draw(st.integers(1, 9))
+    shard_sizes = draw(st.lists(st.sampled_from([1, 5, 31, 32, 33, 40]), min_size=1, max_size=3))
+    ranks = [[draw(st.sampled_from([0, rank]) | st.integers(1, rank)) for _ in shard_sizes]
+             for _ in range(num_adapters)]  # 0: the adapter does not target that shard
+    return num_adapters, rank, shard_sizes, ranks
+
+
+@needs_packed
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=fuzz_lora_layer(),
+       num_rows=st.sampled_from([1, 12, 13, 25, 256]) | st.integers(1, packed_linear.MAX_ROWS),
+       hidden=st.sampled_from([0, 1, 127, 128, 129]) | st.integers(1, 300),
+       rows=st.sampled_from(["random", "sorted", "one adapter", "no adapter"]), bias=st.booleans(),
+       transposed=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidden, rows, bias, transposed,
+                                                          threads, seed):
+    num_adapters, rank, shard_sizes, ranks = layer
+    g = torch.Generator().manual_seed(seed)
+    out_features, width = sum(shard_sizes), len(shard_sizes) * rank
+    x = torch.randn(hidden, num_rows, generator=g).T if transposed else torch.randn(num_rows, hidden,
+                                                                                        generator=g)
+    weight = torch.randn(out_features, hidden, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    lora_a, lora_b = torch.zeros(num_adapters, width, hidden), torch.zeros(num_adapters, out_features, width)
+    starts = [sum(shard_sizes[:s]) for s in range(len(shard_sizes))]
+    for l, shard_ranks in enumerate(ranks):  # as engine/lora.py stacks them: shard s at columns s * rank
+        for s, r in enumerate(shard_ranks):
+            columns, outputs = slice(s * rank, s * rank + r), slice(starts[s], starts[s] + shard_sizes[s])
+            lora_a[l, columns] = torch.randn(r, hidden, generator=g)
+            lora_b[l, outputs, columns] = torch.randn(shard_sizes[s], r, generator=g)
+    if rows in ("random", "sorted"):
+        index = torch.randint(-1, num_adapters, (num_rows,), generator=g)
+        index = index.sort().values if rows == "sorted" else index
+    else:
+        index = torch.full((num_rows,), num_adapters - 1 if rows == "one adapter" else -1)
+    folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * width, hidden)]))
+    expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(out_features, -1), num_adapters)
+    out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, out_features, b, index, expand)
+    x64, b64 = x.double(), (b.double() if bias else torch.zeros(out_features, dtype=torch.float64))
+    expected, magnitude = x64 @ weight.double().T + b64, x64.abs() @ weight.double().abs().T + b64.abs()
+    for n, l in enumerate(index.tolist()):
+        if l >= 0:
+            expected[n] += lora_b[l].double() @ (lora_a[l].double() @ x64[n])
+            magnitude[n] += lora_b[l].double().abs() @ (lora_a[l].double().abs() @ x64[n].abs())
+    assert_within_fp32_rounding(out, expected, magnitude)

@@ -6,10 +6,12 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mope.engine import linear
 from mope.kernels import packed_linear
 
-from tests.helpers import PACKED_LINEAR_RUNS, run_python
+from tests.helpers import PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads, run_python
 
 needs_packed = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs AVX-512 and a C++ compiler")
 
@@ -104,3 +106,63 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
     del layer
     gc.collect()
     assert key not in linear._packed  # the packed copy leaves with its weight
+
+
+@needs_packed
+@pytest.mark.parametrize("rows,out_features,in_features", [
+    pytest.param(13, 1, 0, id="k0-past-12-rows"),  # no 128-k slice ran: y was left unwritten (not the bias)
+])
+def test_regressions(rows, out_features, in_features):
+    """Minimal cases the fuzzing below found (each failed before its fix)."""
+    x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+    bias = torch.randn(out_features)
+    packed = packed_linear.pack_weight(weight)
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features, bias),
+                               F.linear(x, weight, bias))
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features), F.linear(x, weight))
+
+
+
+@needs_packed
+def test_negative_out_features_raise_value_error():
+    """-31..-1 outputs took the 0 panels of an empty weight's packing for a fit (then torch.empty raised a
+    RuntimeError): a ValueError naming the packed weight, as for any other mismatch."""
+    with pytest.raises(ValueError, match="packed must come from pack_weight"):
+        packed_linear.packed_linear(torch.randn(2, 4), packed_linear.pack_weight(torch.randn(0, 4)), -1)
+
+# ---- Property-based fuzzing (hypothesis) against a float64 reference ----
+# Row counts around the 12-row micro-kernel and its 12-row chunks up to MAX_ROWS, outputs on and off the
+# 32-output panels, K empty, odd and around the 128-k slices, strided x, bias or not, 1 and 2 threads.
+FUZZ_ROWS = st.sampled_from([1, 11, 12, 13, 24, 25, 255, 256]) | st.integers(1, packed_linear.MAX_ROWS)
+FUZZ_OUT_FEATURES = st.sampled_from([1, 31, 32, 33, 63, 65, 97]) | st.integers(1, 200)
+FUZZ_IN_FEATURES = st.sampled_from([0, 1, 7, 127, 128, 129, 257]) | st.integers(1, 300)
+FUZZ_LAYOUTS = ("contiguous", "transposed", "column-slice", "every-other-row")
+FUZZ_SETTINGS = settings(max_examples=400, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.too_slow])
+
+
+def fuzz_rows(g: torch.Generator, rows: int, in_features: int, layout: str) -> torch.Tensor:
+    """x (rows, in_features) in one of FUZZ_LAYOUTS (strided views as the model hands them over)."""
+    if layout == "transposed":
+        return torch.randn(in_features, rows, generator=g).T
+    if layout == "column-slice":
+        return torch.randn(rows, in_features + 5, generator=g)[:, 2 : 2 + in_features]
+    if layout == "every-other-row":
+        return torch.randn(2 * rows, in_features, generator=g)[::2]
+    return torch.randn(rows, in_features, generator=g)
+
+
+@needs_packed
+@FUZZ_SETTINGS
+@given(rows=FUZZ_ROWS, out_features=FUZZ_OUT_FEATURES, in_features=FUZZ_IN_FEATURES, bias=st.booleans(),
+       layout=st.sampled_from(FUZZ_LAYOUTS), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_fuzz_matches_float64_reference(rows, out_features, in_features, bias, layout, threads, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = fuzz_rows(g, rows, in_features, layout)
+    weight = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    packed = packed_linear.pack_weight(weight)
+    out = on_threads(threads, packed_linear.packed_linear, x, packed, out_features, b)
+    b64 = b.double() if bias else torch.zeros(out_features, dtype=torch.float64)
+    assert_within_fp32_rounding(out, x.double() @ weight.double().T + b64,
+                                x.double().abs() @ weight.double().abs().T + b64.abs())
