@@ -54,8 +54,12 @@ def _online_max_sumexp(m, s, x, axis: tl.constexpr):
 @triton.jit
 def _mixture_stats(row_logits, stride_k, offs_k, active, w, expert_scale, mix_scale, V,
                    LOGIT_MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1: log-sum-exp of each z_k · expert_scale (BLOCK_K,) and, in logit mode, of
-    g = Σ_k w_k z_k · mix_scale (the geometric mixture's logits up to a constant)."""
+    """Pass 1: max m and log Σ exp(. - m) of each z_k · expert_scale (BLOCK_K,) and, in logit mode, of
+    g = Σ_k w_k z_k · mix_scale (the geometric mixture's logits up to a constant).
+
+    log softmax(x) is then (x - m) - log_sum: not x - lse with lse = m + log_sum rounded to one fp32, whose
+    ulp is ulp(m): at a low temperature (|m| ~ 10^3 to 10^5) that rounding is 10^-4 to 10^-2 in every
+    log probability, and the same relative error in π (the torch reference subtracts the max first too)."""
     m_k = tl.full((BLOCK_K,), float("-inf"), tl.float32)
     s_k = tl.zeros((BLOCK_K,), tl.float32)
     m_g = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), axis=0)
@@ -67,9 +71,10 @@ def _mixture_stats(row_logits, stride_k, offs_k, active, w, expert_scale, mix_sc
         if LOGIT_MODE:
             g = _geometric_logits(z, w, active, mix_scale, offs, V)
             m_g, s_g = _online_max_sumexp(m_g, s_g, g, 0)
-    # inactive experts get 0 rather than -inf, so that later z - lse never computes -inf - -inf
-    lse_k = tl.where(active, m_k + tl.log(tl.where(active, s_k, 1.0)), 0.0)
-    return lse_k, (m_g + tl.log(s_g) if LOGIT_MODE else s_g)
+    # inactive experts get 0 rather than -inf, so that later z - m never computes -inf - -inf
+    m_k = tl.where(active, m_k, 0.0)
+    log_sum_k = tl.where(active, tl.log(tl.where(active, s_k, 1.0)), 0.0)
+    return m_k, log_sum_k, m_g, (tl.log(s_g) if LOGIT_MODE else s_g)
 
 
 @triton.jit
@@ -86,21 +91,22 @@ def _geometric_logits(z, w, active, mix_scale, offs, V):
 
 
 @triton.jit
-def _mixture_block(z, w, active, expert_scale, mix_scale, lse_k, lse_g, offs, V, LOGIT_MODE: tl.constexpr):
+def _mixture_block(z, w, active, expert_scale, mix_scale, m_k, log_sum_k, m_g, log_sum_g, offs, V,
+                   LOGIT_MODE: tl.constexpr):
     """π on one tile of tokens from its logits z (BLOCK_K, BLOCK); 0 outside [0, V)."""
     if LOGIT_MODE:
-        p = tl.exp(_geometric_logits(z, w, active, mix_scale, offs, V) - lse_g)
+        p = tl.exp((_geometric_logits(z, w, active, mix_scale, offs, V) - m_g) - log_sum_g)
     else:
-        p = tl.sum(tl.where(active[:, None], w[:, None] * tl.exp(z * expert_scale - lse_k[:, None]), 0.0),
-                   axis=0)
+        log_q = (z * expert_scale - m_k[:, None]) - log_sum_k[:, None]
+        p = tl.sum(tl.where(active[:, None], w[:, None] * tl.exp(log_q), 0.0), axis=0)
     return tl.where(offs < V, p, 0.0)
 
 
 @triton.jit
-def _token_logprob(z, w, active, expert_logp, inv_t, lse_g, LOGIT_MODE: tl.constexpr):
+def _token_logprob(z, w, active, expert_logp, inv_t, m_g, log_sum_g, LOGIT_MODE: tl.constexpr):
     """log π(token) from the token's logits z (BLOCK_K,); prob mode: from log softmax(z_k / T)(token)."""
     if LOGIT_MODE:
-        return tl.sum(w * tl.where(active, z, 0.0), axis=0) * inv_t - lse_g
+        return (tl.sum(w * tl.where(active, z, 0.0), axis=0) * inv_t - m_g) - log_sum_g
     terms = tl.where(active, expert_logp + tl.log(tl.where(active, w, 1.0)), float("-inf"))
     top = tl.max(terms, axis=0)
     return top + tl.log(tl.sum(tl.exp(terms - top), axis=0))
@@ -163,15 +169,15 @@ def mix_sample_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * stride_b
     row_scratch = scratch_ptr + row * V
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # (K - 1) · stride_k passes 2^31 at K = 3, B·V ≥ 2^30
     w = tl.load(weights_ptr + row * K + offs_k, mask=offs_k < K, other=0.0)
     active = w > 0
     temperature = tl.load(temperature_ptr + row)
     greedy = temperature == 0
     inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
 
-    lse_k, lse_g = _mixture_stats(row_logits, stride_k, offs_k, active, w, inv_t, inv_t, V,
-                                  LOGIT_MODE, BLOCK_K, BLOCK)
+    m_k, log_sum_k, m_g, log_sum_g = _mixture_stats(row_logits, stride_k, offs_k, active, w, inv_t, inv_t, V,
+                                                    LOGIT_MODE, BLOCK_K, BLOCK)
 
     best = tl.max(tl.full((BLOCK,), -1.0, tl.float32), axis=0)
     best_token = row * 0
@@ -179,7 +185,7 @@ def mix_sample_kernel(
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z = _load_active(row_logits, stride_k, offs_k, active, offs, V)
-        p = _mixture_block(z, w, active, inv_t, inv_t, lse_k, lse_g, offs, V, LOGIT_MODE)
+        p = _mixture_block(z, w, active, inv_t, inv_t, m_k, log_sum_k, m_g, log_sum_g, offs, V, LOGIT_MODE)
         tl.store(row_scratch + offs, p, mask=offs < tl.where(temperature > 0, V, 0))
         block_best = tl.max(p, axis=0)
         block_token = tl.argmax(p, axis=0).to(tl.int64) + start  # lowest index among ties
@@ -206,8 +212,8 @@ def mix_sample_kernel(
         token = _draw(row_scratch, V, threshold.to(tl.float32, bitcast=True), u * kept_mass, BLOCK)
 
     z = tl.load(row_logits + offs_k * stride_k + token, mask=active, other=float("-inf")).to(tl.float32)
-    expert_logp = tl.where(active, z * inv_t - lse_k, float("-inf"))
-    logp = _token_logprob(z, w, active, expert_logp, inv_t, lse_g, LOGIT_MODE)
+    expert_logp = tl.where(active, (z * inv_t - m_k) - log_sum_k, float("-inf"))
+    logp = _token_logprob(z, w, active, expert_logp, inv_t, m_g, log_sum_g, LOGIT_MODE)
     tl.store(tokens_ptr + row, token)
     tl.store(logprobs_ptr + row, logp)
     tl.store(expert_logprobs_ptr + row * K + offs_k, expert_logp, mask=offs_k < K)
@@ -243,28 +249,30 @@ def mix_logprobs_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * stride_b
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # (K - 1) · stride_k passes 2^31 at K = 3, B·V ≥ 2^30
     w = tl.load(weights_ptr + row * K + offs_k, mask=offs_k < K, other=0.0)
     active = w > 0
     temperature = tl.load(temperature_ptr + row)
     inv_t = 1.0 / tl.where(temperature > 0, temperature, 1.0)
     # the distributions that are mixed: softmax(z_k / T) in prob mode, softmax(z_k) in logit mode
     expert_scale = 1.0 if LOGIT_MODE else inv_t
-    lse_k, lse_g = _mixture_stats(row_logits, stride_k, offs_k, active, w, expert_scale, inv_t, V,
-                                  LOGIT_MODE, BLOCK_K, BLOCK)
+    m_k, log_sum_k, m_g, log_sum_g = _mixture_stats(row_logits, stride_k, offs_k, active, w, expert_scale,
+                                                    inv_t, V, LOGIT_MODE, BLOCK_K, BLOCK)
     token = tl.load(tokens_ptr + row)
     z = tl.load(row_logits + offs_k * stride_k + token, mask=active, other=float("-inf")).to(tl.float32)
-    token_logp = tl.where(active, z * expert_scale - lse_k, float("-inf"))
-    logp = _token_logprob(z, w, active, token_logp, inv_t, lse_g, LOGIT_MODE)
+    token_logp = tl.where(active, (z * expert_scale - m_k) - log_sum_k, float("-inf"))
+    logp = _token_logprob(z, w, active, token_logp, inv_t, m_g, log_sum_g, LOGIT_MODE)
     mean_logp = tl.zeros((BLOCK_K,), tl.float32)
     if LOGIT_MODE:
-        # E_π[z_k], then E_π[log_softmax(z_k)] = E_π[z_k] - lse_k
+        # E_π[log_softmax(z_k)] (expert_scale is 1)
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             tile = _load_active(row_logits, stride_k, offs_k, active, offs, V)
-            p = _mixture_block(tile, w, active, expert_scale, inv_t, lse_k, lse_g, offs, V, LOGIT_MODE)
-            mean_logp += tl.sum(p[None, :] * tl.where((p > 0)[None, :] & active[:, None], tile, 0.0), axis=1)
-        mean_logp = tl.where(active, mean_logp - lse_k, 0.0)
+            p = _mixture_block(tile, w, active, expert_scale, inv_t, m_k, log_sum_k, m_g, log_sum_g, offs, V,
+                               LOGIT_MODE)
+            log_q = (tile - m_k[:, None]) - log_sum_k[:, None]
+            mean_logp += tl.sum(p[None, :] * tl.where((p > 0)[None, :] & active[:, None], log_q, 0.0), axis=1)
+        mean_logp = tl.where(active, mean_logp, 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(token_logp_ptr + row * K + offs_k, token_logp, mask=offs_k < K)
     tl.store(mean_logp_ptr + row * K + offs_k, mean_logp, mask=offs_k < K)

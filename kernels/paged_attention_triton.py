@@ -23,7 +23,7 @@ NUM_WARPS = 8  # with BLOCK_N = 16: 115 registers on sm_80 and sm_90, no spills 
 def paged_decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
     stride_qb, stride_qh, stride_kblock, stride_kslot, stride_khead,
-    stride_vblock, stride_vslot, stride_vhead, stride_tb, stride_ob, stride_oh, block_size,
+    stride_vblock, stride_vslot, stride_vhead, stride_tb, stride_len, stride_ob, stride_oh, block_size,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -35,7 +35,7 @@ def paged_decode_attention_kernel(
     gd_mask = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask,
                 other=0.0).to(tl.float32)
-    length = tl.load(context_lens_ptr + seq)
+    length = tl.load(context_lens_ptr + seq * stride_len)
 
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_G,), tl.float32)
@@ -77,7 +77,7 @@ def paged_decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, b
         q, k_cache, v_cache, block_tables, context_lens, out, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), k_cache.shape[1],
+        context_lens.stride(0), out.stride(0), out.stride(1), k_cache.shape[1],
         HEAD_DIM=head_dim, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -228,6 +228,28 @@ def fuzz_lora_layer(draw):
     return num_adapters, rank, shard_sizes, ranks
 
 
+def stacked_adapters(layer, hidden: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_a (L, width, H), lora_b (L, OUT, width) of a drawn layer, as engine/lora.py stacks them: shard s
+    at columns s * rank, zero past each adapter's rank (block-diagonal B)."""
+    num_adapters, rank, shard_sizes, ranks = layer
+    out_features, width = sum(shard_sizes), len(shard_sizes) * rank
+    lora_a, lora_b = torch.zeros(num_adapters, width, hidden), torch.zeros(num_adapters, out_features, width)
+    starts = [sum(shard_sizes[:s]) for s in range(len(shard_sizes))]
+    for l, shard_ranks in enumerate(ranks):
+        for s, r in enumerate(shard_ranks):
+            columns, outputs = slice(s * rank, s * rank + r), slice(starts[s], starts[s] + shard_sizes[s])
+            lora_a[l, columns] = torch.randn(r, hidden, generator=g)
+            lora_b[l, outputs, columns] = torch.randn(shard_sizes[s], r, generator=g)
+    return lora_a, lora_b
+
+
+def adapter_index(rows: str, num_rows: int, num_adapters: int, g: torch.Generator) -> torch.Tensor:
+    if rows in ("random", "sorted"):
+        index = torch.randint(-1, num_adapters, (num_rows,), generator=g)
+        return index.sort().values if rows == "sorted" else index
+    return torch.full((num_rows,), num_adapters - 1 if rows == "one adapter" else -1)
+
+
 @needs_packed
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(layer=fuzz_lora_layer(),
@@ -244,18 +266,8 @@ def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidd
                                                                                         generator=g)
     weight = torch.randn(out_features, hidden, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    lora_a, lora_b = torch.zeros(num_adapters, width, hidden), torch.zeros(num_adapters, out_features, width)
-    starts = [sum(shard_sizes[:s]) for s in range(len(shard_sizes))]
-    for l, shard_ranks in enumerate(ranks):  # as engine/lora.py stacks them: shard s at columns s * rank
-        for s, r in enumerate(shard_ranks):
-            columns, outputs = slice(s * rank, s * rank + r), slice(starts[s], starts[s] + shard_sizes[s])
-            lora_a[l, columns] = torch.randn(r, hidden, generator=g)
-            lora_b[l, outputs, columns] = torch.randn(shard_sizes[s], r, generator=g)
-    if rows in ("random", "sorted"):
-        index = torch.randint(-1, num_adapters, (num_rows,), generator=g)
-        index = index.sort().values if rows == "sorted" else index
-    else:
-        index = torch.full((num_rows,), num_adapters - 1 if rows == "one adapter" else -1)
+    lora_a, lora_b = stacked_adapters(layer, hidden, g)
+    index = adapter_index(rows, num_rows, num_adapters, g)
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * width, hidden)]))
     expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(out_features, -1), num_adapters)
     out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, out_features, b, index, expand)
@@ -266,3 +278,35 @@ def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidd
             expected[n] += lora_b[l].double() @ (lora_a[l].double() @ x64[n])
             magnitude[n] += lora_b[l].double().abs() @ (lora_a[l].double().abs() @ x64[n].abs())
     assert_within_fp32_rounding(out, expected, magnitude)
+
+
+# ---- The same layers through add_lora's Triton kernels (interpreter) ----
+# Unsorted and sorted rows with -1 rows, adapters without rows (all rows on the last one), ranks differing
+# per adapter and shard, row counts around the 16-row tiles, hidden sizes around the 32-wide shrink steps,
+# outputs around the 64-column expand tiles, fp32/bf16/fp16, x, out and the adapter stacks as strided views.
+FUZZ_TOLERANCES = TOLERANCES | {torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=fuzz_lora_layer(), num_rows=st.sampled_from([1, 15, 16, 17, 33]) | st.integers(1, 50),
+       hidden=st.sampled_from([1, 31, 32, 33, 80]),
+       rows=st.sampled_from(["random", "sorted", "one adapter", "no adapter"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), views=st.booleans(),
+       scaled=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_triton_matches_dense_per_row(layer, num_rows, hidden, rows, dtype, views, scaled, seed):
+    g = torch.Generator().manual_seed(seed)
+    lora_a, lora_b = (t.to(dtype) for t in stacked_adapters(layer, hidden, g))
+    num_adapters, out_features = lora_b.shape[:2]
+    index = adapter_index(rows, num_rows, num_adapters, g)
+    x, base = (torch.randn(num_rows, n, generator=g).to(dtype) for n in (hidden, out_features))
+    scaling = torch.rand(num_adapters, generator=g) + 0.5 if scaled else None
+    out = base.clone()
+    if views:  # slices of tensors twice as wide: rows of x and out, adapters and B's rows strided
+        x, out = (torch.cat([t, t], dim=1)[:, : t.shape[1]] for t in (x, base))
+        lora_a = torch.cat([lora_a, lora_a], dim=1)[:, : lora_a.shape[1]]
+        lora_b = torch.cat([lora_b, lora_b], dim=2)[:, :, : lora_b.shape[2]]
+    add_lora(out, x, lora_a, lora_b, index, scaling=scaling, backend="triton")
+    ones = torch.ones(num_adapters)
+    expected = dense_per_row(x, lora_a, lora_b, index, base, ones if scaling is None else scaling)
+    torch.testing.assert_close(out.double(), expected, **FUZZ_TOLERANCES[dtype])
+    assert torch.equal(out[index == -1], base[index == -1])

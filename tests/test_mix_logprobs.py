@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mope.kernels import mix_logprobs, mix_sample
-from mope.kernels.mix_reference import mix_logprobs_reference
+from mope.kernels.mix_reference import mix_logprobs_forward_reference, mix_logprobs_reference
+
+from tests.test_mix_sample import fuzz_mix_case, reference
 
 BACKENDS = ["torch", "cpu", "triton"]
 TOLERANCE = dict.fromkeys((torch.float32, torch.bfloat16, torch.float16), dict(atol=1e-4, rtol=1e-4))
@@ -48,7 +52,7 @@ def test_values_and_gradients_match_autograd_through_the_reference(backend, mode
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_token_whose_mixture_probability_underflows_fp32_keeps_a_finite_logprob(backend):
-    # pi(token) ~ e^-125, below fp32's smallest normal (e^-87.3): log pi is still exact, and so is its gradient
+    # pi(token) ~ e^-125, under fp32's smallest normal (e^-87.3): log pi is still exact, as is its gradient
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 3, 64, generator=g)
     logits[0, :, 5], logits[1, :, 5] = -120.0, -130.0
@@ -109,6 +113,36 @@ def test_nan_logits_of_an_inactive_expert_change_nothing(backend):
     logits[1, 2, 5] = float("nan")
     with pytest.raises(ValueError, match="logits of active expert 1 in row 2"):
         mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit", backend=backend)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=fuzz_mix_case(), mode=st.sampled_from(["prob", "logit"]))
+def test_fuzz_triton_matches_reference(case, mode):
+    """mix_sample's fuzzed cases (tests/test_mix_sample.py) at the reference's sampled tokens. The logit-mode
+    gradient (l_k(token) - E_π[l_k]) / T is compared times T: fp32 rounding of the l_k is not divided by T."""
+    logits, temperature, tokens = case["logits"], case["temperature"], reference(case, mode)[0]
+    expected, jacobian = mix_logprobs_forward_reference(logits, case["weights"], tokens, temperature, mode)
+    weights = case["weights"].clone().requires_grad_()
+    got = mix_logprobs(logits, weights, tokens, temperature=temperature, mode=mode, backend="triton")
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    scale = torch.where(temperature > 0, temperature, 1.0)[:, None] if mode == "logit" else 1.0
+    torch.testing.assert_close(weights.grad * scale, jacobian * scale, **TOLERANCE[torch.float32])
+
+
+def test_triton_logit_mode_gradient_at_a_low_temperature():
+    """Found by the fuzzing: π was exp(g / T - lse) with lse = m + log Σ rounded to one fp32 (ulp 6e-5 at
+    m = 9 / 0.01), so π summed to 1 ± 1e-5 and E_π[l_k] / T, hence the gradient, was 1e-2 off."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (2, 2, 64), generator=g).float() * 3  # many tied maxima
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    tokens, temperature = logits[0].argmax(dim=-1), torch.full((2,), 0.01)
+    expected, jacobian = mix_logprobs_forward_reference(logits, weights, tokens, temperature, "logit")
+    weights.requires_grad_()
+    got = mix_logprobs(logits, weights, tokens, temperature=temperature, mode="logit", backend="triton")
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(weights.grad, jacobian, **TOLERANCE[torch.float32])
 
 
 BAD_INPUTS = [

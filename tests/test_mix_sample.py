@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mope.kernels import MixSample, cpp_build, mix_sample
+from mope.kernels import MixSample, cpp_build, mix_logprobs, mix_sample
 from mope.kernels.mix_reference import mix_sample_reference
 from mope.kernels.philox import philox_uniform
 from mope.kernels.validate import validate_mix_sample_args
@@ -198,6 +198,91 @@ def test_triton_draw_is_the_exact_inverse_cdf(mode):
     out = mix_sample(logits.expand(3, rows, vocab), weights.expand(rows, 3), temperature=temperature,
                      top_p=top_p, top_k=top_k, seed=3, offset=offset, mode=mode, backend="triton")
     assert torch.equal(out.tokens, torch.searchsorted(cdf, u, right=True))
+
+
+# ---- Property-based fuzzing (hypothesis) of the Triton kernel (interpreter) against the torch reference ----
+@st.composite
+def fuzz_mix_case(draw) -> dict:
+    """K = 1..4 with inactive experts (w = 0, logits NaN), V below, at and past the kernel's tiles (search
+    256, logit passes 1024), Gaussian / few-level (ties) / flat / one-peak logits with -inf masks (one token
+    stays finite in every expert, so logit mode is defined), fp32/bf16/fp16; per row greedy and extreme
+    temperatures, top_p near 0 and 1, top_k 1, 2, V - 1, V, > V, seed and offset over int64. Temperatures
+    stay >= 0.05: below, the kernel's z · (1 / T) and the reference's z / T differ by ulp(max |z| / T)."""
+    num_experts, batch = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    vocab = draw(st.sampled_from([1, 2, 17, 255, 257, 1025]) | st.integers(1, 300))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["randn", "ties", "flat", "peak"]))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    shape = (num_experts, batch, vocab)
+    if kind == "ties":
+        logits = torch.randint(0, 4, shape, generator=g).float() * scale
+    else:
+        logits = torch.randn(shape, generator=g) * (0.0 if kind == "flat" else scale)
+    if kind == "peak":
+        logits[..., draw(st.integers(0, vocab - 1))] += 30.0
+    masked = torch.rand(shape, generator=g) < draw(st.sampled_from([0.0, 0.5, 0.9]))
+    masked[..., draw(st.integers(0, vocab - 1))] = False
+    logits[masked] = float("-inf")
+    active = torch.rand(batch, num_experts, generator=g) < draw(st.sampled_from([1.0, 0.6]))
+    active[:, draw(st.integers(0, num_experts - 1))] = True
+    weights = (torch.rand(batch, num_experts, generator=g) + 0.01) * active
+    logits = logits.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+    logits[~active.T] = float("nan")  # never read
+
+    def per_row(values):
+        return torch.tensor([draw(values) for _ in range(batch)])
+
+    return dict(
+        logits=logits, weights=weights / weights.sum(dim=1, keepdim=True),
+        temperature=per_row(st.sampled_from([0.0, 0.05, 0.7, 1.0, 50.0, 1e4])),
+        top_p=per_row(st.sampled_from([1.0, 0.99999994, 0.9, 0.3, 1e-6])),
+        top_k=per_row(st.sampled_from([0, 1, 2, 5, max(vocab - 1, 1), vocab, vocab + 1])),
+        seed=per_row(st.integers(-(2**63), 2**63 - 1)), offset=per_row(st.integers(0, 2**63 - 1)),
+    )
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=fuzz_mix_case(), mode=st.sampled_from(["prob", "logit"]))
+def test_fuzz_triton_matches_reference(case, mode):
+    assert_matches_reference(run(case, "triton", mode), reference(case, mode), torch.float32)
+
+
+def test_triton_log_probabilities_of_tied_maxima_at_a_low_temperature():
+    """Found by the fuzzing: the kernel folded each max and log-sum-exp into one fp32 lse = m + log Σ, whose
+    ulp at m = 0.3 / 1e-6 is 0.03: the six tied tokens' log π came out 1e-2 off -log 6. Now (x - m) - log Σ.
+    """
+    logits = torch.zeros(2, 1, 16)
+    logits[:, 0, [1, 4, 6, 9, 11, 14]] = 0.3
+    zero = torch.zeros(1, dtype=torch.long)
+    case = dict(logits=logits, weights=torch.tensor([[0.5, 0.5]]), temperature=torch.tensor([1e-6]),
+                top_p=torch.ones(1), top_k=zero, seed=zero, offset=zero)
+    for mode in ("prob", "logit"):
+        out = run(case, "triton", mode)
+        assert_matches_reference(out, reference(case, mode), torch.float32)
+        torch.testing.assert_close(out.logprobs, torch.tensor([-math.log(6)]), atol=1e-6, rtol=0)
+
+
+def test_triton_reads_experts_past_an_int32_offset():
+    """The offset of expert k's logits, k · stride_k, was int32 (tl.arange times a stride that fits int32):
+    with K = 3 it wrapped once B·V >= 2^30, e.g. mix_logprobs over 8k rows of a 152k vocabulary. Here
+    stride_k = 2^31 - 2^20 (fp16) in 8.6 GB of reserved address space, of which a few pages are touched."""
+    vocab, stride_k, pad = 100, 2**31 - 2**20, 2**22  # a wrapped read (2 · stride_k - 2^32) lands in the pad
+    try:
+        buffer = torch.empty(pad + 2 * stride_k + 2 * vocab, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 8.6 GB of address space")
+    logits = buffer.as_strided((3, 2, vocab), (stride_k, vocab, 1), pad)
+    compact = (torch.randn(3, 2, vocab, generator=torch.Generator().manual_seed(0)) * 3).half()
+    logits.copy_(compact)
+    weights = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.4, 0.6]])
+    kwargs = dict(temperature=1.0, top_p=0.9, top_k=0, seed=1, offset=0, mode="logit", backend="triton")
+    strided, expected = mix_sample(logits, weights, **kwargs), mix_sample(compact, weights, **kwargs)
+    assert torch.equal(strided.tokens, expected.tokens) and torch.equal(strided.logprobs, expected.logprobs)
+    assert torch.equal(strided.expert_logprobs, expected.expert_logprobs)
+    for mode in ("prob", "logit"):
+        got, want = (mix_logprobs(x, weights, expected.tokens, mode=mode, backend="triton")
+                     for x in (logits, compact))
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

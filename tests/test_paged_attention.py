@@ -250,9 +250,9 @@ def fuzz_paged_case(draw):
 FUZZ_TOLERANCES = dict(TOLERANCES) | {torch.float16: dict(atol=1e-3, rtol=1e-3)}
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(c=fuzz_paged_case())
-def test_fuzz_cpu_matches_float64_reference(c):
+def fuzz_inputs(c: dict) -> tuple[tuple, float, torch.Tensor]:
+    """The arguments (q, k_cache, v_cache, block_tables, context_lens) and scale of a drawn case, and the
+    float64 attention over each sequence's own K/V."""
     g = torch.Generator().manual_seed(c["seed"])
     block_size, lens, dtype = c["block_size"], c["lens"], c["dtype"]
     needed = [-(-n // block_size) for n in lens]
@@ -279,8 +279,6 @@ def test_fuzz_cpu_matches_float64_reference(c):
     num_heads = c["num_kv_heads"] * c["group"]
     q = (torch.randn(len(lens), num_heads + 2, c["head_dim"], generator=g) * c["q_scale"])[:, 1:-1].to(dtype)
     scale = c["head_dim"] ** -0.5
-    out = on_threads(c["threads"], paged_decode_attention, q, k_cache, v_cache, tables, context_lens,
-                     scale=scale, backend="cpu")
     expected = torch.empty(q.shape, dtype=torch.float64)
     for b, n in enumerate(lens):
         blocks = torch.tensor(ids[b])
@@ -288,8 +286,16 @@ def test_fuzz_cpu_matches_float64_reference(c):
                 for cache in (k_cache, v_cache))
         weights = (torch.einsum("hd,lhd->hl", q[b].double(), k) * scale).softmax(dim=-1)
         expected[b] = torch.einsum("hl,lhd->hd", weights, v)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), expected, **FUZZ_TOLERANCES[dtype])
+    return (q, k_cache, v_cache, tables, context_lens), scale, expected
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(c=fuzz_paged_case())
+def test_fuzz_cpu_matches_float64_reference(c):
+    args, scale, expected = fuzz_inputs(c)
+    out = on_threads(c["threads"], paged_decode_attention, *args, scale=scale, backend="cpu")
+    assert out.dtype == c["dtype"]
+    torch.testing.assert_close(out.double(), expected, **FUZZ_TOLERANCES[c["dtype"]])
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
