@@ -14,6 +14,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+BIASED_ATTENTION = ("LlamaForCausalLM", "Qwen3ForCausalLM")  # architectures that read attention_bias
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,13 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict | None  # rope parameters of a "linear" or "llama3" rope; None: plain rope
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; Llama with attention_bias (which also biases o_proj)
+    qkv_bias: bool  # Qwen2 always; Llama and Qwen3 with attention_bias (which also biases o_proj)
     o_bias: bool
-    mlp_bias: bool
+    mlp_bias: bool  # Llama only
     qk_norm: bool  # Qwen3: RMSNorm over head_dim of q and k before rope
     # Mistral / Qwen sliding-window attention is not implemented: outputs are exact while a sequence
-    # is at most this long (the window), and CausalLM.forward refuses positions beyond it.
+    # is at most this long (the window), and CausalLM.forward refuses positions beyond it. None also for a
+    # Qwen model none of whose layers slides.
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -75,6 +77,9 @@ class ModelConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("unsupported partial_rotary_factor != 1")
         if rope_type == "llama3":
+            # as transformers 5: a top-level original_max_position_embeddings (Phi-3 style) takes precedence
+            if getattr(hf, "original_max_position_embeddings", None) is not None:
+                rope["original_max_position_embeddings"] = hf.original_max_position_embeddings
             rope.setdefault("original_max_position_embeddings", hf.max_position_embeddings)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
@@ -84,9 +89,20 @@ class ModelConfig:
                 f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
             )
         is_qwen = arch.startswith("Qwen")
-        attention_bias = bool(getattr(hf, "attention_bias", False))
-        sliding = getattr(hf, "sliding_window", None)
-        if is_qwen and not getattr(hf, "use_sliding_window", False):
+        # transformers' Mistral and Qwen2 modules take no attention_bias, and only Llama's MLP has mlp_bias:
+        # a config.json that carries the key for another architecture has no such weights
+        attention_bias = arch in BIASED_ATTENTION and bool(getattr(hf, "attention_bias", False))
+        mlp_bias = arch == "LlamaForCausalLM" and bool(getattr(hf, "mlp_bias", False))
+        # Llama never slides (transformers ignores a sliding_window key in its config.json); Qwen slides
+        # only with use_sliding_window, and then only in the layers layer_types marks (transformers 5
+        # derives them from max_window_layers); a config without layer_types (older transformers) counts
+        # as sliding everywhere
+        sliding = None if arch == "LlamaForCausalLM" else getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None)
+        if is_qwen and (
+            not getattr(hf, "use_sliding_window", False)
+            or (layer_types is not None and "sliding_attention" not in layer_types)
+        ):
             sliding = None
         return cls(
             architecture=arch,
@@ -103,8 +119,8 @@ class ModelConfig:
             rope_scaling={"rope_type": rope_type, **rope} if rope_type != "default" else None,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=not is_qwen and attention_bias,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            o_bias=attention_bias,
+            mlp_bias=mlp_bias,
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=sliding,
             bos_token_id=getattr(hf, "bos_token_id", None),

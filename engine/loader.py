@@ -81,7 +81,7 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
     or a shape mismatch, is a ValueError."""
     targets = checkpoint_targets(model)
     tied = model.lm_head is None
-    unexpected, loaded = [], set()
+    unexpected, loaded, tied_head = [], set(), None
     with torch.no_grad():
         for file in files:
             try:
@@ -90,7 +90,10 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
                 raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
             with f:
                 for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    if name.endswith(IGNORED_SUFFIXES):
+                        continue
+                    if tied and name == "lm_head.weight":
+                        tied_head = (file, f.get_tensor(name))
                         continue
                     target = targets.get(name)
                     if target is None:
@@ -109,6 +112,15 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
         raise ValueError(
             f"checkpoint does not match the {model.config.architecture} config: "
             f"missing weights {_some(missing)}, unexpected weights {_some(unexpected)}"
+        )
+    # A tied checkpoint may store lm_head.weight too (a copy); one that differs is ambiguous: transformers 5
+    # then leaves the two untied (its logits use lm_head.weight), transformers 4 ties them to the embedding
+    embedding = model.model.embed_tokens.weight
+    if tied_head is not None and not torch.equal(tied_head[1].to(embedding), embedding):
+        raise ValueError(
+            f"{tied_head[0].name}: tie_word_embeddings is true but lm_head.weight differs from "
+            "model.embed_tokens.weight; set tie_word_embeddings to false in config.json if the checkpoint's "
+            "lm_head is meant to be used"
         )
 
 

@@ -193,6 +193,23 @@ def test_missing_unexpected_and_misshapen_weights_are_refused(tmp_path, checkpoi
             load_model(path)
 
 
+def test_tied_checkpoint_with_its_own_lm_head_is_refused(tmp_path):
+    """tie_word_embeddings with an lm_head.weight stored too: a copy of the embedding loads (tied); another
+    matrix is refused (transformers 5 leaves the two untied, transformers 4 ties them: ambiguous)."""
+    path = make_tiny_checkpoint(tmp_path / "tied", "llama", seed=4, tie_word_embeddings=True)
+    tensors = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    embedding = tensors["model.embed_tokens.weight"]
+    copy = copy_checkpoint(path, tmp_path / "copy", skip={"model.safetensors"})
+    save_file({**tensors, "lm_head.weight": embedding.clone()}, copy / "model.safetensors")
+    ids = torch.tensor([5, 17, 42, 99, 7])
+    torch.testing.assert_close(logits_of(load_model(copy), ids), logits_of(load_model(path), ids))
+    other = copy_checkpoint(path, tmp_path / "other", skip={"model.safetensors"})
+    save_file({**tensors, "lm_head.weight": embedding.flip(0)}, other / "model.safetensors")
+    with pytest.raises(ValueError, match="tie_word_embeddings is true but lm_head.weight differs"):
+        load_model(other)
+
+
 def test_dtype_and_tokenizer(checkpoint):
     model = load_model(checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
