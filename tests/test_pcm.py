@@ -3,6 +3,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mope.engine.context import AttentionContext
 from transformers import AutoModelForCausalLM
 
@@ -152,3 +154,36 @@ def test_a_failed_save_keeps_the_previous_pcm_and_leaves_no_temp_dir(pcm, tmp_pa
         pcm.save(tmp_path / "pcm")
     assert {p.name: p.read_bytes() for p in (tmp_path / "pcm").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["pcm"]
+
+
+@settings(max_examples=15, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.lists(st.integers(0, 300), min_size=1, max_size=20),
+                               st.lists(st.integers(0, 300), max_size=4),
+                               st.lists(st.booleans(), min_size=6, max_size=6).filter(any)),
+                     min_size=1, max_size=3),
+       scale=st.sampled_from([1.0, 100.0]))
+def test_property_teacher_forced_alpha_is_a_masked_softmax_step_by_step(pcm, rows, scale):
+    """Any prompts, responses (1 token, or none: left out) and active subsets: alpha_t is the softmax of the
+    head over the row's active experts (exactly 0 elsewhere) at the state after prompt + response[:t]."""
+    prompts, responses, masks = zip(*rows, strict=True)
+    active = torch.tensor(masks)
+    with torch.no_grad():
+        log_w = pcm(prompts, responses, active)
+        assert log_w.shape == (sum(map(len, responses)), 6)
+        expected, hidden, row_active = [], [], []
+        for p, r, a in zip(prompts, responses, active, strict=True):
+            for t in range(len(r)):
+                hidden.append(last_hidden(pcm, [*p, *r[:t]]))
+                expected.append(pcm.log_weights(hidden[-1], a[None]))
+                row_active.append(a)
+        if not expected:
+            return
+        torch.testing.assert_close(log_w, torch.cat(expected), atol=1e-5, rtol=1e-5)
+        row_active = torch.stack(row_active)
+        alpha = pcm.weights(scale * torch.cat(hidden), row_active)
+    assert (alpha[~row_active] == 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(len(alpha)), atol=1e-6, rtol=0)
+    logits = pcm.head(scale * torch.cat(hidden)).detach()
+    for a, w, z in zip(row_active, alpha, logits, strict=True):
+        torch.testing.assert_close(w[a], z[a].softmax(-1))
