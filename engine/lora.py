@@ -66,7 +66,8 @@ class LoRAAdapter:
 
 
 def read_adapter_config(path: Path) -> dict:
-    """adapter_config.json of `path`, checked: a plain LoRA with no feature we do not implement."""
+    """adapter_config.json of `path`, checked: a plain LoRA with no feature we do not implement (a missing
+    lora_alpha filled in with peft's default)."""
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
@@ -92,7 +93,7 @@ def read_adapter_config(path: Path) -> dict:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{path}: r must be a positive int, got {rank!r}")
-    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    alpha = config.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(f"{path}: lora_alpha must be a number, got {alpha!r}")
     return config
@@ -128,16 +129,6 @@ def _digest(file: Path, mtime_ns: int) -> str:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    """Whether `path` is a PEFT adapter directory (rather than a full checkpoint)."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def adapter_base(path: str | Path) -> str | None:
-    """The base checkpoint an adapter directory names (base_model_name_or_path), None if it names none."""
-    return read_adapter_config(Path(path)).get("base_model_name_or_path") or None
-
-
 def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAAdapter:
     """Read a PEFT LoRA adapter directory (fp32, CPU). `base_path`: the base checkpoint, to check against."""
     path = Path(path)
@@ -145,7 +136,7 @@ def load_adapter(path: str | Path, base_path: str | Path | None = None) -> LoRAA
     check_same_base(path, config, base_path)
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (pickle adapter weights are not loaded)")
-    rank, alpha = config["r"], config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    rank, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     try:
         tensors = load_file(path / WEIGHTS_FILE)

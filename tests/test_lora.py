@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mope.engine import experts
 from mope.engine.context import AttentionContext
 from mope.engine.loader import checkpoint_targets, load_model
-from mope.engine.lora import LoRAGroup, LoRALinear, adapter_base, is_adapter_dir, load_adapter
+from mope.engine.lora import LoRAGroup, LoRALinear, load_adapter
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -203,8 +203,8 @@ def test_merge_into_the_groups_own_base(checkpoints):
 
 def test_scaling_folds_alpha_and_rslora_and_adapter_dirs_are_recognised(checkpoints):
     base_dir, adapter_dirs, _ = checkpoints
-    assert is_adapter_dir(adapter_dirs[0]) and not is_adapter_dir(base_dir)
-    assert adapter_base(adapter_dirs[0]) == str(base_dir)
+    assert experts.adapter_base(base_dir) is None
+    assert experts.adapter_base(adapter_dirs[0]) == base_dir.resolve()
     assert load_adapter(adapter_dirs[0]).scaling == 8 / 4
     assert load_adapter(adapter_dirs[1]).scaling == pytest.approx(16 / 8**0.5)
 
@@ -265,7 +265,7 @@ def test_rank_other_than_the_tensors_is_refused_like_peft(checkpoints, tmp_path)
 def test_unreadable_adapter_config_is_refused(checkpoints, tmp_path, text, message):
     adapter = edited_adapter(checkpoints[1][0], tmp_path / "bad")
     (adapter / "adapter_config.json").write_text(text)
-    for read in (load_adapter, adapter_base, experts.adapter_base):
+    for read in (load_adapter, experts.adapter_base):
         with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
             read(adapter)
 
