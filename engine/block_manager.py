@@ -75,12 +75,24 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return self.blocks_needed(seq) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, same_step: dict[tuple, Track] | None = None) -> None:
         """Give every track of a waiting sequence the blocks of all its tokens, reusing cached full blocks of
-        its longest cached prefix (at least the last token is always left to compute, for its logits)."""
+        its longest cached prefix (at least the last token is always left to compute, for its logits).
+
+        `same_step`: the tracks allocated before in the same prefill step, by (model, tokens); a track with
+        the same key becomes their twin (shares all their blocks, computes nothing), else it is added.
+        """
+        same_step = {} if same_step is None else same_step
         for track in seq.tracks:
             assert not track.block_table
             num_tokens = seq.num_tokens(track)
+            twin = same_step.setdefault((track.model, tuple(seq.token_ids(track, 0, num_tokens))), track)
+            track.twin = None if twin is track else twin
+            if track.twin is not None:
+                track.block_table = [self._take(block_id) for block_id in twin.block_table]
+                track.num_cached_tokens = twin.num_cached_tokens
+                track.num_hashed_blocks, track.last_hash = twin.num_hashed_blocks, twin.last_hash
+                continue
             num_blocks = -(-num_tokens // self.block_size)
             prev_hash, hits = -1, 0
             while (hits + 1) * self.block_size < num_tokens:
@@ -102,7 +114,7 @@ class BlockManager:
                 self._release(block_id)
             track.block_table.clear()
             track.num_cached_tokens = track.num_hashed_blocks = 0
-            track.last_hash = -1
+            track.last_hash, track.twin = -1, None
 
     def _needs_block(self, seq: Sequence, track: Track) -> bool:
         """Whether writing the track's newest token takes a block (a new one, or a copy of a shared one)."""

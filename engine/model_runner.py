@@ -87,10 +87,12 @@ class ModelRunner:
 
     def _forward(self, group: ForwardGroup, entries: list[tuple[Sequence, Track]],
                  is_prefill: bool) -> Tensor:
-        """Run one group over its rows' new tokens; the hidden state (rows, hidden) at each row's last one."""
+        """Run one group over its rows' new tokens; the hidden state (rows, hidden) at each row's last one
+        (a prefill's twin track takes its twin's instead of computing it again)."""
         bs = self.block_size
+        computed = [(seq, track) for seq, track in entries if track.twin is None]
         input_ids, positions, slots, context_lens, cu_seqlens, adapters = [], [], [], [], [0], []
-        for seq, track in entries:
+        for seq, track in computed:
             num_tokens = seq.num_tokens(track)
             start = track.num_cached_tokens if is_prefill else num_tokens - 1
             input_ids += seq.token_ids(track, start, num_tokens) if is_prefill else [seq.last_token()]
@@ -100,8 +102,8 @@ class ModelRunner:
             context_lens.append(num_tokens)
             cu_seqlens.append(cu_seqlens[-1] + num_tokens - start)
             adapters += [group.members[track.model]] * (num_tokens - start)
-        width = max(len(track.block_table) for _, track in entries)
-        block_tables = [track.block_table + [0] * (width - len(track.block_table)) for _, track in entries]
+        width = max(len(track.block_table) for _, track in computed)
+        block_tables = [track.block_table + [0] * (width - len(track.block_table)) for _, track in computed]
         tensor = self._tensor
         ctx = AttentionContext(
             is_prefill=is_prefill,
@@ -118,7 +120,12 @@ class ModelRunner:
             hidden = group.module(*args)
         if not is_prefill:
             return hidden
-        return hidden.index_select(0, tensor(cu_seqlens[1:], torch.int64) - 1)
+        last = hidden.index_select(0, tensor(cu_seqlens[1:], torch.int64) - 1)
+        if len(computed) == len(entries):
+            return last
+        row = {id(track): i for i, (_, track) in enumerate(computed)}
+        rows = [row[id(track.twin or track)] for _, track in entries]
+        return last.index_select(0, tensor(rows, torch.int64))
 
     def _weights(self, seqs: list[Sequence], provider_hidden: Tensor | None) -> Tensor:
         """(B, K) fp32: the fixed weights of each row, or what the provider decides for it now."""

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from mope.engine.block_manager import BlockManager
-from mope.engine.sequence import Sequence, SequenceStatus
+from mope.engine.sequence import Sequence, SequenceStatus, Track
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Scheduler:
         """The sequences of the next step and whether it is a prefill."""
         scheduled: list[Sequence] = []
         num_seqs, num_batched_tokens = len(self.running), 0
+        same_step: dict[tuple, Track] = {}  # identical prompts of one prefill are computed once
         while self.waiting:
             seq = self.waiting[0]
             num_tokens = max(seq.num_tokens(track) for track in seq.tracks)
@@ -54,7 +55,7 @@ class Scheduler:
             too_many_tokens = scheduled and num_batched_tokens + num_tokens > self.max_num_batched_tokens
             if too_many_seqs or too_many_tokens or not self.block_manager.can_allocate(seq):
                 break
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, same_step)
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
             scheduled.append(seq)
@@ -89,7 +90,7 @@ class Scheduler:
         finished, row = [], 0
         for seq in seqs:
             for track in seq.tracks:
-                track.num_cached_tokens = seq.num_tokens(track)
+                track.num_cached_tokens, track.twin = seq.num_tokens(track), None
             self.block_manager.register_computed(seq)
             samples = [seq]
             if seq.num_samples > 1:

@@ -27,6 +27,8 @@ class Track:
 
     The model reads `prompt_ids + sequence.completion_ids`; `num_cached_tokens` of them are in the cache.
     The first `num_hashed_blocks` blocks are registered in the prefix cache, the last one under `last_hash`.
+    `twin`, during a prefill only: a track of the same step with the same model and tokens, whose blocks this
+    one shares and whose result it takes instead of computing its own.
     """
 
     model: int
@@ -35,6 +37,7 @@ class Track:
     num_cached_tokens: int = 0
     num_hashed_blocks: int = 0
     last_hash: int = -1  # the chain's start
+    twin: Track | None = None
 
 
 class Sequence:

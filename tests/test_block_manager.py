@@ -125,6 +125,39 @@ def test_prefix_cache_reuses_computed_full_blocks_of_the_same_model_only():
     assert different_start.tracks[0].num_cached_tokens == 0  # the chain breaks at the first block
 
 
+def test_an_identical_track_of_the_same_step_shares_its_twins_blocks_and_copies_on_write():
+    copies = []
+    manager = BlockManager(20, BS, copy_block=lambda src, dst: copies.append((src, dst)))
+    cached = make_seq({0: list(range(5))})
+    manager.allocate(cached)
+    compute(manager, cached)
+    manager.deallocate(cached)  # its first block stays in the prefix cache
+
+    same_step: dict = {}
+    first = make_seq({0: list(range(6)), 1: list(range(6))})
+    manager.allocate(first, same_step)
+    second = make_seq({0: list(range(6)), 1: list(range(5)) + [9]}, request=1)
+    manager.allocate(second, same_step)
+    (first0, first1), (twin, own) = first.tracks, second.tracks
+    assert first0.twin is None and first0.num_cached_tokens == 4  # a prefix-cache hit
+    assert twin.twin is first0 and twin.block_table == first0.block_table
+    assert (twin.num_cached_tokens, twin.num_hashed_blocks, twin.last_hash) == (4, 1, first0.last_hash)
+    assert all(manager.blocks[b].ref_count == 2 for b in first0.block_table)
+    assert own.twin is None and not set(own.block_table) & set(first1.block_table)  # other tokens
+    assert manager.num_free_blocks == 20 - 2 - 2 - 2
+
+    full, partial = first0.block_table
+    for seq in (first, second):
+        compute(manager, seq)
+        seq.append(7, 0.0, [0.0], [1.0])
+        manager.append_slot(seq)
+    # position 6 is in the shared partial block: the first to write gets a copy, the other keeps it
+    assert copies == [(partial, first0.block_table[1])] and twin.block_table[:2] == [full, partial]
+    manager.deallocate(first)
+    manager.deallocate(second)
+    assert twin.twin is None and manager.num_free_blocks == 20
+
+
 def test_forget_model_drops_only_that_models_cached_blocks():
     manager = BlockManager(20, BS)
     first = make_seq({0: list(range(10)), 1: list(range(10))})

@@ -178,6 +178,27 @@ def test_n_samples_fork_after_one_prefill_and_match_teacher_forcing(checkpoints)
     assert [o.token_ids for o in again] == [o.token_ids for o in outputs[:2]]  # batch invariant, seeded
 
 
+def test_identical_prompts_of_one_prefill_are_computed_once_and_then_decode_apart(checkpoints):
+    engine = Engine([checkpoints["llama"], checkpoints["qwen2"]], block_size=4)
+    computed = count_prefill_tokens(engine)
+    same, other = [1, 5, 9, 23, 44, 50], [1, 100, 101]  # partly filled last blocks: copy-on-write
+    weights = [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.0, 1.0]]  # the last runs only the second expert
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True, seed=3)
+    outputs = engine.generate([same, other, same, same], weights=weights, sampling=sampling)
+    assert computed == [6 + 3, 6 + 3]  # `same` once per model, for all three requests
+    assert len({tuple(o.token_ids) for o in outputs}) == 4  # each request draws with its own seed
+    scores = engine.score([o.prompt_token_ids for o in outputs], [o.token_ids for o in outputs])
+    for out, score, w in zip(outputs, scores, weights, strict=True):
+        # each request's cache held its own tokens after the shared prefill: teacher forcing agrees
+        active = torch.tensor(w) > 0
+        torch.testing.assert_close(out.expert_logprobs[:, active], score[:, active], atol=1e-4, rtol=1e-4)
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    alone = [engine.generate([prompt], weights=[w], sampling=GREEDY)[0].token_ids
+             for prompt, w in zip([same, other, same, same], weights, strict=True)]
+    together = engine.generate([same, other, same, same], weights=weights, sampling=GREEDY)
+    assert [o.token_ids for o in together] == alone
+
+
 def test_a_shared_prompt_prefix_is_computed_once_per_model(checkpoints):
     engine = Engine([checkpoints["llama"], checkpoints["qwen2"]], block_size=4)
     computed = count_prefill_tokens(engine)

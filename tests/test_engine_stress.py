@@ -161,13 +161,22 @@ def check_step(engine: Engine, seqs: list, is_prefill: bool) -> None:
     assert [b.ref_count for b in manager.blocks] == counts
     assert set(manager.free_block_ids) == {i for i, c in enumerate(counts) if c == 0}
     written = []
+    tracks = [track for seq in seqs for track in seq.tracks]
     for seq in seqs:
         for track in seq.tracks:
             num_tokens = seq.num_tokens(track)
             assert len(track.block_table) == -(-num_tokens // bs)
+            if track.twin is not None:  # an identical prompt of this prefill computes it: nothing to write
+                twin = track.twin
+                assert is_prefill and twin.twin is None and any(twin is t for t in tracks)
+                assert (twin.model, twin.block_table) == (track.model, track.block_table)
+                assert seq.token_ids(track, 0, num_tokens) == next(
+                    s.token_ids(twin, 0, num_tokens) for s in seqs if any(twin is t for t in s.tracks))
+                continue
             start = track.num_cached_tokens if is_prefill else num_tokens - 1
             blocks = [track.block_table[p // bs] for p in range(start, num_tokens)]
-            assert all(manager.blocks[b].ref_count == 1 for b in blocks)  # copy-on-write came first
+            sharers = 1 + sum(t.twin is track for t in tracks)  # copy-on-write came first; twins share
+            assert all(manager.blocks[b].ref_count == sharers for b in blocks)
             written += [b * bs + p % bs for b, p in zip(blocks, range(start, num_tokens), strict=True)]
     assert len(written) == len(set(written))
 
