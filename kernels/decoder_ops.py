@@ -4,8 +4,9 @@ and the SiLU-gated product of the MLP.
 Backends: "torch" (the reference, and the path with autograd) and "cpu" (csrc/decoder_ops.cpp, fp32: one
 pass per op over its rows, new output tensors). In a decode step the torch versions are ~30 dispatches
 per layer, each finding its few rows evicted by the GEMM before it (bench/README.md, "decoder ops").
-"auto": cpu for fp32 CPU tensors when autograd is off or nothing requires a gradient, torch otherwise
-(also when the C++ build failed: load_cpp has warned once).
+"auto": cpu for fp32 CPU tensors in the layout the C++ reads (last dim contiguous; rope's cos and sin one
+row per token) when autograd is off or nothing requires a gradient, torch otherwise (also when the C++
+build failed: load_cpp has warned once). "cpu" refuses other layouts with a ValueError naming them.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
              backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm of x's last dim times `weight`; with `residual`: (norm(x + residual), x + residual), the
     pre-norm block's fused step."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (the normalised one), got a 0-d tensor")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    module = _cpp_module(backend, x, weight, residual)
+    module = _cpp_module(backend, (x, weight, residual), _last_dim_contiguous(x, weight, residual))
     if module is not None:
         if x.dim() == 2:  # the engine's (N, hidden) rows
             out, total = module.rms_norm(x, weight, eps, residual)
@@ -43,7 +46,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Rotate-half rope of q (N, Hq, D) and k (N, Hk, D) by cos, sin (N, 1, D/2): the two halves of the
     head dim are the (real, imaginary) parts. Returns new tensors."""
-    module = _cpp_module(backend, q, k, cos, sin)
+    per_token = all(t.shape == (q.shape[0], 1, q.shape[-1] // 2) and t.is_contiguous() for t in (cos, sin))
+    module = _cpp_module(backend, (q, k, cos, sin), per_token and _last_dim_contiguous(q, k))
     if module is not None:
         q_out, k_out = module.rotary(q, k, cos.flatten(1), sin.flatten(1))
         return q_out, k_out
@@ -57,15 +61,20 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def silu_mul(gate_up: Tensor, *, backend: str = "auto") -> Tensor:
     """(N, 2I) [gate | up] -> (N, I) silu(gate) * up."""
-    module = _cpp_module(backend, gate_up)
+    module = _cpp_module(backend, (gate_up,), _last_dim_contiguous(gate_up))
     if module is not None:
         return module.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def _cpp_module(backend: str, *tensors: Tensor | None):
-    """The C++ module when `backend` ("auto" or "cpu") applies to these tensors, else None (torch)."""
+def _last_dim_contiguous(*tensors: Tensor | None) -> bool:
+    return all(t is None or t.stride(-1) == 1 for t in tensors)
+
+
+def _cpp_module(backend: str, tensors: tuple[Tensor | None, ...], layout_fits: bool):
+    """The C++ module when `backend` ("auto" or "cpu") applies to these tensors, else None (torch). With
+    "cpu" a layout that does not fit reaches the C++, whose checks name it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -78,6 +87,6 @@ def _cpp_module(backend: str, *tensors: Tensor | None):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in given)
     if backend == "cpu" and needs_grad:
         raise ValueError("backend='cpu' has no backward: use 'torch' or 'auto' for tensors needing gradients")
-    if not fits or needs_grad:
+    if not fits or needs_grad or (backend == "auto" and not layout_fits):
         return None
     return load_cpp("decoder_ops")

@@ -98,6 +98,30 @@ def test_auto_keeps_autograd():
     torch.testing.assert_close(weight.grad, weight_ref.grad)
 
 
+def test_auto_takes_torch_for_layouts_the_cpp_does_not_read():
+    """A transposed x (last dim strided) and cos/sin broadcast over the tokens: "auto" gives the formula's
+    result through torch, where "cpu" refuses them naming the layout."""
+    x = torch.randn(8, 5).t()  # (5, 8), strides (1, 5)
+    weight = torch.rand(8) + 0.5
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), expected, **TOLERANCE)
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        rms_norm(x, weight, 1e-6, backend="cpu")
+    gate_up = torch.randn(6, 3).t()
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, **TOLERANCE)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    angles = torch.rand(1, 1, 4) * 10  # one position for every token
+    cos, sin = angles.cos(), angles.sin()
+    q_out, k_out = rotary(q, k, cos, sin)
+    for out, t in ((q_out, q), (k_out, k)):
+        t1, t2 = t.chunk(2, dim=-1)
+        expected = torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+        torch.testing.assert_close(out, expected, **TOLERANCE)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        rotary(q, k, cos, sin, backend="cpu")
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -111,6 +135,8 @@ def test_auto_keeps_autograd():
                         backend="cpu"), "cos and sin must be"),
         (lambda: rms_norm(torch.ones(2, 4, requires_grad=True), torch.ones(4), 1e-6, backend="cpu"),
          "no backward"),
+        (lambda: rms_norm(torch.tensor(1.0), torch.ones(()), 1e-6), "at least one dim"),
+        (lambda: rms_norm(torch.tensor(1.0), torch.ones(()), 1e-6, backend="torch"), "at least one dim"),
     ],
 )
 def test_bad_inputs_raise_value_error(call, message):
