@@ -34,7 +34,7 @@ def providers(weights: list[torch.Tensor]) -> dict[str, Callable[[dict[int, torc
            "sgemm": lambda xs: [F.linear(xs[w.shape[1]], w) for w in weights]}
     if packed_linear.available():
         packed = [packed_linear.pack_weight(w) for w in weights]
-        fns = {"packed": lambda xs: [packed_linear.packed_linear(xs[w.shape[1]], p, w.shape[0])
+        fns = {"packed": lambda xs: [packed_linear.packed_linear(xs[w.shape[1]], p)
                                      for w, p in zip(weights, packed, strict=True)]} | fns
     return fns
 

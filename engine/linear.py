@@ -24,7 +24,7 @@ MKL_PACK_ROWS = 32  # the row count MKL is told when packing; the packed weight 
 # id(weight) -> (a weak reference to it, its version when packed, the packed copy); the entry leaves with
 # the weight. A plain dict: torch's WeakIdKeyDictionary makes a weak reference on every lookup, which cost
 # ~4 us a call in a decode step, whose GEMMs had just evicted Python's objects (bench/README.md).
-_packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+_packed: dict[int, tuple[weakref.ref, int, packed_linear.PackedWeight | Tensor]] = {}
 _HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
@@ -33,7 +33,7 @@ def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     if not takes_packed_path(x, weight):
         return F.linear(x, weight, bias)
     if packed_linear.available():
-        return packed_linear.packed_linear(x, packed_weight(weight), weight.shape[0], bias)
+        return packed_linear.packed_linear(x, packed_weight(weight), bias)
     return torch.ops.mkl._mkl_linear(x, packed_weight(weight), weight, bias, x.shape[0])
 
 
@@ -54,8 +54,9 @@ def rows_take_packed_path(rows: int, device: torch.device, dtype: torch.dtype, w
     )
 
 
-def packed_weight(weight: Tensor) -> Tensor:
-    """The packed copy of `weight` for this machine's kernel, made once per weight version."""
+def packed_weight(weight: Tensor) -> packed_linear.PackedWeight | Tensor:
+    """The packed copy of `weight` for this machine's kernel (ours, else MKL's), made once per weight
+    version."""
     key = id(weight)
     entry = _packed.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == weight._version:

@@ -254,8 +254,9 @@ class LoRALinear(nn.Module):
         weight = base_layer.weight
         self.folded_weight = torch.cat([weight.detach(), lora.a.reshape(-1, weight.shape[1])])
         weight.data = self.folded_weight[: weight.shape[0]]  # shares storage and version counter
-        # (out_features, bias, packed expand) for the packed path, made on its first use (CPU only)
-        self._packed: tuple[int, Tensor | None, packed_linear.PackedExpand] | None = None
+        # (bias, packed expand) for the packed path, made on its first use (CPU only; kept to spare the
+        # module lookups a call, bench/README.md)
+        self._packed: tuple[Tensor | None, packed_linear.PackedExpand] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         step = self.step
@@ -266,10 +267,9 @@ class LoRALinear(nn.Module):
         if self._packed is None:  # the expand: [B_0 .. B_{L-1}] side by side, (out, L * width)
             num_adapters, out_features, width = self.lora.b.shape
             expand = self.lora.b.permute(1, 0, 2).reshape(out_features, num_adapters * width)
-            packed_expand = packed_linear.pack_lora_expand(expand, num_adapters)
-            self._packed = (self.base_layer.out_features, self.base_layer.bias, packed_expand)
-        out_features, bias, expand = self._packed
-        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), out_features, bias,
+            self._packed = (self.base_layer.bias, packed_linear.pack_lora_expand(expand, num_adapters))
+        bias, expand = self._packed
+        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), bias,
                                                 step.rows.adapter_index, expand)
 
 

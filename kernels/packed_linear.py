@@ -2,7 +2,7 @@
 
 A decode step multiplies a handful of rows by every weight, so its speed is the speed of reading the
 weights. `pack_weight(w)` lays W out as 32-output panels read in one sequential, prefetched stream;
-`packed_linear(x, packed, out_features, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
+`packed_linear(x, packed, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
 `packed_lora_linear` the same layer plus each row's own LoRA adapter (the engine's CPU path for adapter
 experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/linear.py`).
 The torch reference is `F.linear`. `available()` is False without a C++ compiler or without AVX-512;
@@ -31,16 +31,24 @@ def available() -> bool:
     return module is not None and module.supported()
 
 
-def pack_weight(weight: Tensor) -> Tensor:
-    """(N, K) fp32 CPU weight -> its (ceil(N / 32), K, 32) panels, for `packed_linear`."""
-    _require_available()
-    return load_cpp("packed_linear").pack_weight(weight.detach())
+class PackedWeight(NamedTuple):
+    """A weight as `packed_linear` reads it (from `pack_weight`)."""
+
+    panels: Tensor  # (ceil(N / 32), K, 32): panel p holds outputs 32p .. 32p + 31, zeros past N
+    out_features: int  # N
 
 
-def packed_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) @ Wᵀ + bias -> (M, out_features) fp32, W given as `pack_weight(W)`; M <= MAX_ROWS."""
+def pack_weight(weight: Tensor) -> PackedWeight:
+    """(N, K) fp32 CPU weight -> its 32-output panels, for `packed_linear`."""
     _require_available()
-    return load_cpp("packed_linear").packed_linear(_checked_rows(x), packed, out_features, bias)
+    return PackedWeight(load_cpp("packed_linear").pack_weight(weight.detach()), weight.shape[0])
+
+
+def packed_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ Wᵀ + bias -> (M, N) fp32, W given as `pack_weight(W)`; M <= MAX_ROWS."""
+    _require_available()
+    panels, out_features = _checked_packed(packed)
+    return load_cpp("packed_linear").packed_linear(_checked_rows(x), panels, out_features, bias)
 
 
 class PackedExpand(NamedTuple):
@@ -49,6 +57,7 @@ class PackedExpand(NamedTuple):
     panels: Tensor  # (sum of the spans, 32): per panel and adapter, its nonzero columns' 32 outputs
     k_ranges: Tensor  # (panels, L, 2) int64: the span [lo, hi) of adapter l's columns nonzero in a panel
     width: int  # columns per adapter (the rank, or the shards' ranks side by side)
+    out_features: int  # the layer's outputs (OUT)
 
 
 def pack_lora_expand(weight: Tensor, num_adapters: int) -> PackedExpand:
@@ -69,13 +78,14 @@ def pack_lora_expand(weight: Tensor, num_adapters: int) -> PackedExpand:
     lo = torch.where(nonzero, columns, width).amin(dim=2)
     hi = torch.where(nonzero, columns + 1, 0).amax(dim=2)
     k_ranges = torch.stack([lo.clamp(max=hi), hi], dim=2).contiguous()
-    return PackedExpand(load_cpp("packed_linear").pack_expand(weight, k_ranges), k_ranges, width)
+    panels = load_cpp("packed_linear").pack_expand(weight, k_ranges)
+    return PackedExpand(panels, k_ranges, width, weight.shape[0])
 
 
-def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tensor | None,
-                       adapter_index: Tensor, expand: PackedExpand) -> Tensor:
+def packed_lora_linear(x: Tensor, folded: PackedWeight, bias: Tensor | None, adapter_index: Tensor,
+                       expand: PackedExpand) -> Tensor:
     """Batched LoRA over a linear layer in one call: row n gets x[n] @ Wᵀ + bias + x[n] @ A_lᵀ @ B_lᵀ for
-    l = adapter_index[n] (-1: the plain layer) -> (M, out_features).
+    l = adapter_index[n] (-1: the plain layer) -> (M, OUT).
 
     folded = pack_weight([W; A_0; ..; A_{L-1}]) (the A factors, (width, K) each, appended as extra output
     rows: the same GEMM gives every adapter's shrink); expand = pack_lora_expand([B_0 .. B_{L-1}], L);
@@ -83,13 +93,28 @@ def packed_lora_linear(x: Tensor, folded: Tensor, out_features: int, bias: Tenso
     outputs inside the GEMM.
     """
     _require_available()
+    panels, folded_rows = _checked_packed(folded)
+    if not isinstance(expand, PackedExpand):
+        raise ValueError(f"expand must come from pack_lora_expand, got {type(expand).__name__}")
+    num_adapters = expand.k_ranges.shape[1]
+    out_features = folded_rows - num_adapters * expand.width
+    if out_features != expand.out_features:
+        raise ValueError(f"folded has {out_features} + {num_adapters} · {expand.width} rows (W's outputs + "
+                         f"the adapters' A), expand has {expand.out_features} outputs: pack one layer's "
+                         "[W; A_0; ..]")
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (x.shape[0],):
         raise ValueError(f"adapter_index must be ({x.shape[0]},), got {describe(adapter_index)}")
     if not is_integer(adapter_index.dtype):  # .to(int64) would truncate it
         raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
     return load_cpp("packed_linear").packed_lora_linear(
-        _checked_rows(x), folded, out_features, bias, adapter_index.to(torch.int64).contiguous(),
+        _checked_rows(x), panels, out_features, bias, adapter_index.to(torch.int64).contiguous(),
         expand.panels, expand.k_ranges, expand.width)
+
+
+def _checked_packed(packed: PackedWeight) -> PackedWeight:
+    if not isinstance(packed, PackedWeight):
+        raise ValueError(f"packed must come from pack_weight, got {type(packed).__name__}")
+    return packed
 
 
 def _checked_rows(x: Tensor) -> Tensor:

@@ -91,7 +91,7 @@ def packed_lora(x, weight, bias, lora_a, lora_b, index, scaling):
     num_adapters, rank, hidden = lora_a.shape
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * rank, hidden)]))
     expand = (lora_b * scaling[:, None, None]).permute(1, 0, 2).reshape(weight.shape[0], -1)
-    return packed_linear.packed_lora_linear(x, folded, weight.shape[0], bias, index,
+    return packed_linear.packed_lora_linear(x, folded, bias, index,
                                             packed_linear.pack_lora_expand(expand, num_adapters))
 
 
@@ -151,7 +151,12 @@ def test_packed_lora_linear_refuses_bad_inputs():
     expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(70, -1), len(lora_a))
     short = expand._replace(panels=expand.panels[1:])
     with pytest.raises(ValueError, match="expand must come from pack_expand"):
-        packed_linear.packed_lora_linear(x, folded, 70, None, index, short)
+        packed_linear.packed_lora_linear(x, folded, None, index, short)
+    with pytest.raises(ValueError, match="expand must come from pack_lora_expand"):
+        packed_linear.packed_lora_linear(x, folded, None, index, tuple(expand))
+    other = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(70, -1)[:64], len(lora_a))
+    with pytest.raises(ValueError, match="folded has 70 \\+ 3 · 8 rows"):  # W's 64 outputs expected
+        packed_linear.packed_lora_linear(x, folded, None, index, other)
     with pytest.raises(ValueError, match="L = 0"):
         packed_linear.pack_lora_expand(lora_b[0], 0)
 
@@ -270,7 +275,7 @@ def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidd
     index = adapter_index(rows, num_rows, num_adapters, g)
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * width, hidden)]))
     expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(out_features, -1), num_adapters)
-    out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, out_features, b, index, expand)
+    out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, b, index, expand)
     x64, b64 = x.double(), (b.double() if bias else torch.zeros(out_features, dtype=torch.float64))
     expected, magnitude = x64 @ weight.double().T + b64, x64.abs() @ weight.double().abs().T + b64.abs()
     for n, l in enumerate(index.tolist()):

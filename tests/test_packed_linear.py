@@ -27,9 +27,10 @@ def test_matches_f_linear(rows, out_features, in_features):
     weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
     bias = torch.randn(out_features, generator=g)
     packed = packed_linear.pack_weight(weight)
-    assert packed.shape == (-(-out_features // 32), in_features, 32)
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features), F.linear(x, weight))
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features, bias),
+    assert packed.panels.shape == (-(-out_features // 32), in_features, 32)
+    assert packed.out_features == out_features
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
                                F.linear(x, weight, bias))
 
 
@@ -58,8 +59,8 @@ def test_non_contiguous_rows_and_no_rows():
     weight = torch.randn(40, 24)
     packed = packed_linear.pack_weight(weight)
     x = torch.randn(24, 6).T  # a transposed view
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, 40), F.linear(x, weight))
-    assert packed_linear.packed_linear(torch.randn(0, 24), packed, 40).shape == (0, 40)
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
+    assert packed_linear.packed_linear(torch.randn(0, 24), packed).shape == (0, 40)
 
 
 @needs_packed
@@ -67,13 +68,14 @@ def test_non_contiguous_rows_and_no_rows():
     (dict(x=torch.randn(257, 24)), "rows"),
     (dict(x=torch.randn(4, 24).double()), "x"),
     (dict(x=torch.randn(4, 23)), "packed"),
-    (dict(out_features=70), "packed"),
+    (dict(packed=None), "packed must come from pack_weight"),
+    (dict(packed=torch.zeros(2, 24, 32)), "packed must come from pack_weight"),  # panels without N
     (dict(bias=torch.randn(39)), "bias"),
 ])
 def test_bad_inputs_raise_value_error(case, message):
     weight = torch.randn(40, 24)
     packed = packed_linear.pack_weight(weight)
-    args = dict(x=torch.randn(4, 24), packed=packed, out_features=40, bias=None) | case
+    args = dict(x=torch.randn(4, 24), packed=packed, bias=None) | case
     with pytest.raises(ValueError, match=message):
         packed_linear.packed_linear(**args)
     with pytest.raises(ValueError, match="weight"):
@@ -94,7 +96,7 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
         with torch.inference_mode():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     packed = linear._packed[id(layer.weight)][2]
-    assert packed.shape == (2, 48, 32) if ours else packed.shape != (2, 48, 32)
+    assert packed.panels.shape == (2, 48, 32) if ours else packed.shape != (2, 48, 32)
     x = torch.randn(16, 48)
     with torch.no_grad():
         layer(x)
@@ -117,18 +119,21 @@ def test_regressions(rows, out_features, in_features):
     x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
     bias = torch.randn(out_features)
     packed = packed_linear.pack_weight(weight)
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features, bias),
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
                                F.linear(x, weight, bias))
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, out_features), F.linear(x, weight))
+    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
 
 
 
 @needs_packed
-def test_negative_out_features_raise_value_error():
+def test_packed_weight_whose_outputs_do_not_fit_its_panels_raises_value_error():
     """-31..-1 outputs took the 0 panels of an empty weight's packing for a fit (then torch.empty raised a
-    RuntimeError): a ValueError naming the packed weight, as for any other mismatch."""
-    with pytest.raises(ValueError, match="packed must come from pack_weight"):
-        packed_linear.packed_linear(torch.randn(2, 4), packed_linear.pack_weight(torch.randn(0, 4)), -1)
+    RuntimeError), and 70 outputs over 2 panels read past them: a ValueError naming the packed weight."""
+    for panels, out_features in ((torch.randn(0, 4), -1), (torch.randn(40, 4), 70)):
+        packed = packed_linear.PackedWeight(packed_linear.pack_weight(panels).panels, out_features)
+        with pytest.raises(ValueError, match="packed must come from pack_weight"):
+            packed_linear.packed_linear(torch.randn(2, 4), packed)
+
 
 # ---- Property-based fuzzing (hypothesis) against a float64 reference ----
 # Row counts around the 12-row micro-kernel and its 12-row chunks up to MAX_ROWS, outputs on and off the
@@ -162,7 +167,7 @@ def test_fuzz_matches_float64_reference(rows, out_features, in_features, bias, l
     weight = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     packed = packed_linear.pack_weight(weight)
-    out = on_threads(threads, packed_linear.packed_linear, x, packed, out_features, b)
+    out = on_threads(threads, packed_linear.packed_linear, x, packed, b)
     b64 = b.double() if bias else torch.zeros(out_features, dtype=torch.float64)
     assert_within_fp32_rounding(out, x.double() @ weight.double().T + b64,
                                 x.double().abs() @ weight.double().abs().T + b64.abs())
