@@ -1,13 +1,14 @@
 """The MoPE rollout a user writes today with transformers: K models, one forward each per step.
 
-Each expert keeps its own KV cache (`past_key_values`); the mixture is computed in torch (softmax
-per expert, weighted sum) and truncated with a sort-based top-p, as transformers' TopPLogitsWarper.
-An optional PCM of the same kind runs as one more model each step: its last hidden state goes
-through a linear head and a softmax to give the step's weights.
+Each expert keeps its own KV cache (transformers' `cache`, `past_key_values` before 5.x); the mixture is
+computed in torch (softmax per expert, weighted sum) and truncated with a sort-based top-p, as transformers'
+TopPLogitsWarper. An optional PCM of the same kind runs as one more model each step: its last hidden state
+goes through a linear head and a softmax to give the step's weights.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +52,16 @@ class _CachedModel:
     def __init__(self, model: nn.Module):
         self.model = model
         self.past = None
+        # transformers 5 renamed the argument and the output field (the old name warns, then goes)
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def step(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Forward the new tokens `ids` (B, n), `mask` covering the whole sequence; return the last hidden."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.past, use_cache=True, output_hidden_states=True,
-                         logits_to_keep=1)
-        self.past = out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         output_hidden_states=True, logits_to_keep=1, **{self.cache_name: self.past})
+        self.past = out[self.cache_name]
         self.logits = out.logits[:, -1].float()
         return out.hidden_states[-1][:, -1]
 
