@@ -2,6 +2,8 @@
 dispatch: our kernel where it runs, MKL's packed GEMM otherwise, F.linear beyond the packed paths."""
 
 import gc
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,44 @@ def test_non_contiguous_rows_and_no_rows():
     x = torch.randn(24, 6).T  # a transposed view
     torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
     assert packed_linear.packed_linear(torch.randn(0, 24), packed).shape == (0, 40)
+
+
+def mapping_of(address: int) -> dict[str, int] | None:
+    """The /proc/self/smaps entry (start, end, AnonHugePages in bytes) of the mapping holding `address`."""
+    entry = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            start, end = (int(a, 16) for a in first.split("-"))
+            entry = dict(start=start, end=end) if start <= address < end else None
+        elif entry is not None and first == "AnonHugePages:":
+            return entry | dict(huge=int(line.split()[1]) * 1024)
+    return None
+
+
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HAS_THP = sys.platform == "linux" and THP_SETTING.exists() and "[never]" not in THP_SETTING.read_text()
+
+
+@needs_packed
+@pytest.mark.skipif(not HAS_THP, reason="needs transparent huge pages (Linux, not 'never')")
+def test_packed_weights_live_in_huge_pages_last_one_included_and_are_unmapped_with_the_tensor():
+    """Whatever the heap handed out before (freed, touched memory is what malloc reuses, and advice does not
+    turn its 4 KB pages into huge ones), every 2 MB of a packed weight of at least 2 MB is one huge page,
+    its partly used last one too; the mapping goes with the tensor."""
+    churn = [torch.ones(3 << 20) for _ in range(8)]  # touched memory, then freed: the heap's to reuse
+    del churn
+    weight = torch.randn(768 + 32, 768)
+    packed = packed_linear.pack_weight(weight)  # 2.34 MB: one full page and a tail
+    nbytes, address = packed.panels.numel() * 4, packed.panels.data_ptr()
+    mapping = mapping_of(address)
+    assert address % (2 << 20) == 0 and mapping["huge"] == 4 << 20 >= nbytes
+    x = torch.randn(3, 768)
+    assert_within_fp32_rounding(packed_linear.packed_linear(x, packed), x.double() @ weight.double().T,
+                                x.double().abs() @ weight.double().abs().T)
+    del packed
+    gc.collect()
+    assert mapping_of(address) is None or mapping_of(address)["start"] != mapping["start"]
 
 
 @needs_packed
