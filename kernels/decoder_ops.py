@@ -46,8 +46,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Rotate-half rope of q (N, Hq, D) and k (N, Hk, D) by cos, sin (N, 1, D/2): the two halves of the
     head dim are the (real, imaginary) parts. Returns new tensors."""
-    per_token = all(t.shape == (q.shape[0], 1, q.shape[-1] // 2) and t.is_contiguous() for t in (cos, sin))
-    module = _cpp_module(backend, (q, k, cos, sin), per_token and _last_dim_contiguous(q, k))
+    per_token = (cos.shape == sin.shape == (q.shape[0], 1, q.shape[-1] // 2) and cos.is_contiguous()
+                 and sin.is_contiguous())
+    module = _cpp_module(backend, (q, k, cos, sin), per_token and q.stride(-1) == k.stride(-1) == 1)
     if module is not None:
         q_out, k_out = module.rotary(q, k, cos.flatten(1), sin.flatten(1))
         return q_out, k_out
