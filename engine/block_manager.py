@@ -68,12 +68,33 @@ class BlockManager:
         if block.ref_count == 0:
             self.free_block_ids[block_id] = None
 
-    def blocks_needed(self, seq: Sequence) -> int:
-        """Blocks a sequence's prefill takes at most (prefix-cache hits may take fewer)."""
-        return sum(-(-seq.num_tokens(track) // self.block_size) for track in seq.tracks)
+    def admission_cost(self, seq: Sequence, same_step: dict[tuple, Track]) -> tuple[int, int]:
+        """What allocating a waiting sequence now would cost: (tokens its largest track computes, blocks it
+        takes from the free set), net of prefix-cache hits and of twins among `same_step` (see `allocate`)."""
+        tokens = blocks = 0
+        for track in seq.tracks:
+            num_tokens = seq.num_tokens(track)
+            if _twin_key(seq, track) in same_step:
+                continue  # shares its twin's blocks, computes nothing
+            hits, _ = self._cached_prefix(seq, track)
+            tokens = max(tokens, num_tokens - len(hits) * self.block_size)
+            blocks += (-(-num_tokens // self.block_size) - len(hits)
+                       + sum(self.blocks[block_id].ref_count == 0 for block_id in hits))  # cached but free
+        return tokens, blocks
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq) <= self.num_free_blocks
+    def _cached_prefix(self, seq: Sequence, track: Track) -> tuple[list[int], int]:
+        """The cached blocks of the track's longest computed prefix (at least its last token left to compute)
+        and the chained hash of the last of them (-1 for none)."""
+        num_tokens, prev_hash, hits = seq.num_tokens(track), -1, []
+        while (len(hits) + 1) * self.block_size < num_tokens:
+            tokens = seq.token_ids(track, len(hits) * self.block_size, (len(hits) + 1) * self.block_size)
+            h = chain_hash(prev_hash, track.model, tokens)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].key != (prev_hash, track.model, tuple(tokens)):
+                break
+            hits.append(block_id)
+            prev_hash = h
+        return hits, prev_hash
 
     def allocate(self, seq: Sequence, same_step: dict[tuple, Track] | None = None) -> None:
         """Give every track of a waiting sequence the blocks of all its tokens, reusing cached full blocks of
@@ -83,29 +104,22 @@ class BlockManager:
         the same key becomes their twin (shares all their blocks, computes nothing), else it is added.
         """
         same_step = {} if same_step is None else same_step
-        for track in seq.tracks:
+        for track in seq.tracks:  # every track's shared blocks first: no new block may evict another's hit
             assert not track.block_table
-            num_tokens = seq.num_tokens(track)
-            twin = same_step.setdefault((track.model, tuple(seq.token_ids(track, 0, num_tokens))), track)
+            twin = same_step.setdefault(_twin_key(seq, track), track)
             track.twin = None if twin is track else twin
             if track.twin is not None:
                 track.block_table = [self._take(block_id) for block_id in twin.block_table]
                 track.num_cached_tokens = twin.num_cached_tokens
                 track.num_hashed_blocks, track.last_hash = twin.num_hashed_blocks, twin.last_hash
                 continue
-            num_blocks = -(-num_tokens // self.block_size)
-            prev_hash, hits = -1, 0
-            while (hits + 1) * self.block_size < num_tokens:
-                tokens = seq.token_ids(track, hits * self.block_size, (hits + 1) * self.block_size)
-                h = chain_hash(prev_hash, track.model, tokens)
-                block_id = self.hash_to_block.get(h)
-                if block_id is None or self.blocks[block_id].key != (prev_hash, track.model, tuple(tokens)):
-                    break
-                track.block_table.append(self._take(block_id))
-                prev_hash, hits = h, hits + 1
-            track.block_table.extend(self._take() for _ in range(num_blocks - hits))
-            track.num_cached_tokens = hits * self.block_size
-            track.num_hashed_blocks, track.last_hash = hits, prev_hash
+            hits, prev_hash = self._cached_prefix(seq, track)
+            track.block_table = [self._take(block_id) for block_id in hits]
+            track.num_cached_tokens = len(hits) * self.block_size
+            track.num_hashed_blocks, track.last_hash = len(hits), prev_hash
+        for track in seq.tracks:
+            num_blocks = -(-seq.num_tokens(track) // self.block_size)
+            track.block_table.extend(self._take() for _ in range(num_blocks - len(track.block_table)))
 
     def deallocate(self, seq: Sequence) -> None:
         """Drop all of a sequence's block references (finished or preempted)."""
@@ -163,3 +177,8 @@ class BlockManager:
                     block.hash, block.key = h, (track.last_hash, track.model, tuple(tokens))
                     self.hash_to_block[h] = block.block_id
                 track.num_hashed_blocks, track.last_hash = track.num_hashed_blocks + 1, h
+
+
+def _twin_key(seq: Sequence, track: Track) -> tuple:
+    """What a track shares with its twins in one prefill step: the model and every token."""
+    return track.model, tuple(seq.token_ids(track, 0, seq.num_tokens(track)))

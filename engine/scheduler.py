@@ -50,10 +50,12 @@ class Scheduler:
         same_step: dict[tuple, Track] = {}  # identical prompts of one prefill are computed once
         while self.waiting:
             seq = self.waiting[0]
-            num_tokens = max(seq.num_tokens(track) for track in seq.tracks)
-            too_many_seqs = num_seqs > 0 and num_seqs + seq.num_samples > self.max_num_seqs
+            if num_seqs > 0 and num_seqs + seq.num_samples > self.max_num_seqs:
+                break
+            # net of prefix-cache hits and twins: a shared system prompt does not fill the budget
+            num_tokens, num_blocks = self.block_manager.admission_cost(seq, same_step)
             too_many_tokens = scheduled and num_batched_tokens + num_tokens > self.max_num_batched_tokens
-            if too_many_seqs or too_many_tokens or not self.block_manager.can_allocate(seq):
+            if too_many_tokens or num_blocks > self.block_manager.num_free_blocks:
                 break
             self.block_manager.allocate(seq, same_step)
             seq.status = SequenceStatus.RUNNING

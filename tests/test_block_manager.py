@@ -24,7 +24,7 @@ def compute(manager: BlockManager, seq: Sequence) -> None:
 def test_allocate_gives_each_track_its_own_blocks_and_deallocate_frees_them():
     manager = BlockManager(10, BS)
     seq = make_seq({0: list(range(9)), 1: list(range(3))})
-    assert manager.blocks_needed(seq) == 3 + 1
+    assert manager.admission_cost(seq, {}) == (9, 3 + 1)
     manager.allocate(seq)
     tables = [t.block_table for t in seq.tracks]
     assert [len(t) for t in tables] == [3, 1]
@@ -158,6 +158,60 @@ def test_an_identical_track_of_the_same_step_shares_its_twins_blocks_and_copies_
     assert twin.twin is None and manager.num_free_blocks == 20
 
 
+def test_admission_cost_is_net_of_prefix_hits_and_twins_and_is_what_allocate_takes():
+    """(tokens the largest track computes, blocks taken from the free set): a cached prefix computes only its
+    rest, and takes free blocks only for the rest and for hits that were freed; a twin costs nothing."""
+    manager = BlockManager(20, BS)
+    prompt = list(range(9))  # 3 blocks; 2 full ones can hit (the last token is always computed)
+    assert manager.admission_cost(make_seq({0: prompt, 1: prompt[:5]}), {}) == (9, 3 + 2)
+
+    def cost_then_allocate(seq, same_step):
+        free, cost = manager.num_free_blocks, manager.admission_cost(seq, same_step)
+        manager.allocate(seq, same_step)
+        assert free - manager.num_free_blocks == cost[1]
+        assert cost[0] == max((0 if t.twin else seq.num_tokens(t) - t.num_cached_tokens) for t in seq.tracks)
+        return cost
+
+    first = make_seq({0: prompt})
+    assert cost_then_allocate(first, {}) == (9, 3)
+    compute(manager, first)
+    same_step: dict = {}
+    held = make_seq({0: prompt[:8] + [50]}, request=1)  # shares the 2 full blocks, held by `first`
+    assert cost_then_allocate(held, same_step) == (1, 1)
+    twin = make_seq({0: prompt[:8] + [50], 1: [3] * 6}, request=2)  # model 0 a twin of `held`
+    assert cost_then_allocate(twin, same_step) == (6, 2)
+    for seq in (first, held, twin):
+        manager.deallocate(seq)
+    freed = make_seq({0: prompt}, request=3)  # the hits are cached but free: taking them uses free blocks
+    assert cost_then_allocate(freed, {}) == (1, 3)
+
+
+def test_a_new_block_of_one_track_never_evicts_a_prefix_hit_of_another():
+    """A sequence admitted with exactly its cost in free blocks, whose model-1 track hits a cached but free
+    block X and then a block held by another sequence: if its model-0 track took X as a new block first,
+    the model-1 track would lose both hits and find the pool empty."""
+    manager = BlockManager(7, BS)
+    system = [1, 2, 3, 4]
+    same_step: dict = {}
+    holder = make_seq({1: system + [2] * 4 + [9]})  # blocks 0 (system), 1 (held hit), 2
+    other = make_seq({1: system + [1]}, request=1)  # blocks 3 (system again: X), 4
+    spare = make_seq({0: [7] * 8}, request=2)  # blocks 5, 6
+    for seq in (holder, other, spare):
+        manager.allocate(seq, same_step)
+    for seq in (holder, other, spare):  # `other` registers the system block last: the cache's entry is X
+        compute(manager, seq)
+    x, held = other.tracks[0].block_table[0], holder.tracks[0].block_table[1]
+    manager.deallocate(other)  # free: 4, X
+    keeper = make_seq({0: [8] * 3}, request=3)
+    manager.allocate(keeper)  # takes 4
+    manager.deallocate(spare)  # free: X, 6, 5
+    late = make_seq({0: [6] * 3, 1: system + [2] * 4 + [5]}, request=4)
+    assert manager.admission_cost(late, {}) == (3, 1 + 2)  # X is free: taking it costs a block
+    manager.allocate(late)
+    assert manager.num_free_blocks == 0 and late.tracks[1].num_cached_tokens == 8
+    assert late.tracks[1].block_table[:2] == [x, held]
+
+
 def test_forget_model_drops_only_that_models_cached_blocks():
     manager = BlockManager(20, BS)
     first = make_seq({0: list(range(10)), 1: list(range(10))})
@@ -187,7 +241,7 @@ def test_uncomputed_blocks_are_not_hits_and_freed_blocks_stay_cached_until_reuse
     first = make_seq({0: list(range(9))})
     manager.allocate(first)
     pending = make_seq({0: list(range(9))})
-    assert manager.blocks_needed(pending) == 3
+    assert manager.admission_cost(pending, {}) == (9, 3)  # `first` is not computed: no hit
     manager.deallocate(first)  # never computed: nothing was registered
     manager.allocate(pending)
     assert pending.tracks[0].num_cached_tokens == 0

@@ -75,6 +75,28 @@ def test_token_budget_splits_prefills_but_always_admits_one():
     assert fake_step(scheduler, lambda s, j: 7)[0] == seqs[3:]
 
 
+def test_token_budget_counts_only_what_a_prefill_computes():
+    """Requests sharing a cached system prompt, and a repeated prompt, fill the budget by their own tokens."""
+    manager = BlockManager(64, BS)
+    scheduler = Scheduler(manager, {EOS}, max_num_seqs=8, max_num_batched_tokens=10)
+    system = [5] * 8  # two full blocks
+    warm = Sequence(0, [Track(0, system + [1])], SamplingParams(max_tokens=1), [1.0], [True], 1)
+    scheduler.add(warm)
+    assert fake_step(scheduler, lambda s, j: 7)[0] == [warm]  # computes and caches the system prompt
+    questions = [Sequence(i, [Track(0, system + [i, i])], SamplingParams(max_tokens=1), [1.0], [True], 1)
+                 for i in range(1, 5)]
+    repeat = Sequence(5, [Track(0, system + [4, 4])], SamplingParams(max_tokens=1), [1.0], [True], 1)
+    for seq in (*questions, repeat):
+        scheduler.add(seq)
+    # each question computes 2 tokens past the 8 cached (10 would be counted in full); the repeat is a twin
+    seqs, is_prefill = scheduler.schedule()
+    assert is_prefill and seqs == [*questions, repeat]
+    assert [s.tracks[0].num_cached_tokens for s in questions] == [8] * 4
+    assert repeat.tracks[0].twin is questions[-1].tracks[0]
+    scheduler.postprocess(seqs, StepResult([7] * 5, [-1.0] * 5, [[-1.0]] * 5, [[1.0]] * 5))
+    assert scheduler.is_finished() and manager.num_free_blocks == 64
+
+
 def test_n_samples_are_forked_after_the_prefill_and_share_the_prompt_blocks():
     manager = BlockManager(16, BS)
     scheduler = Scheduler(manager, {EOS}, max_num_seqs=8, max_num_batched_tokens=100)
