@@ -140,9 +140,10 @@ void check(bool ok, const std::string& message) {
 // pages, its last one included: streaming a weight through 4 KB pages evicts the whole TLB (every small op
 // after a GEMM then paid ~20 us of page walks), and each 4 KB page of the stream costs time of its own. Fresh
 // mmap'd memory, advised before its first touch: memory from malloc may come back already touched in 4 KB
-// pages, which the advice does not turn into huge ones (measured: 58% of the llama-160m projections' bytes
-// were in huge pages that way, 100% this way, and their GEMMs 4-10% faster at 1-32 rows; rounding the tail
-// up costs at most 2 MB a weight, 11% at llama-160m's sizes, <1% at 7B's; bench/README.md).
+// pages, which the advice does not turn into huge ones (measured: 58-77% of the llama-160m projections'
+// bytes were in huge pages that way, depending on what the process allocated before, 100% this way; the
+// GEMMs 6-10% faster where it was 65%; rounding the tail up costs at most 2 MB a weight, 9% at llama-160m's
+// sizes, <1% at 7B's; bench/README.md).
 torch::Tensor packed_empty(torch::IntArrayRef sizes) {
   const auto options = torch::dtype(torch::kFloat32);
 #ifdef __linux__

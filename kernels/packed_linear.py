@@ -93,7 +93,7 @@ def packed_lora_linear(x: Tensor, folded: PackedWeight, bias: Tensor | None, ada
     outputs inside the GEMM.
     """
     _require_available()
-    panels, folded_rows = _checked_packed(folded)
+    panels, folded_rows = _checked_packed(folded, "folded")
     if not isinstance(expand, PackedExpand):
         raise ValueError(f"expand must come from pack_lora_expand, got {type(expand).__name__}")
     num_adapters = expand.k_ranges.shape[1]
@@ -111,9 +111,9 @@ def packed_lora_linear(x: Tensor, folded: PackedWeight, bias: Tensor | None, ada
         expand.panels, expand.k_ranges, expand.width)
 
 
-def _checked_packed(packed: PackedWeight) -> PackedWeight:
+def _checked_packed(packed: PackedWeight, name: str = "packed") -> PackedWeight:
     if not isinstance(packed, PackedWeight):
-        raise ValueError(f"packed must come from pack_weight, got {type(packed).__name__}")
+        raise ValueError(f"{name} must come from pack_weight, got {type(packed).__name__}")
     return packed
 
 

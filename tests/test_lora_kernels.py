@@ -154,6 +154,8 @@ def test_packed_lora_linear_refuses_bad_inputs():
         packed_linear.packed_lora_linear(x, folded, None, index, short)
     with pytest.raises(ValueError, match="expand must come from pack_lora_expand"):
         packed_linear.packed_lora_linear(x, folded, None, index, tuple(expand))
+    with pytest.raises(ValueError, match="folded must come from pack_weight"):
+        packed_linear.packed_lora_linear(x, folded.panels, None, index, expand)
     other = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(70, -1)[:64], len(lora_a))
     with pytest.raises(ValueError, match="folded has 70 \\+ 3 · 8 rows"):  # W's 64 outputs expected
         packed_linear.packed_lora_linear(x, folded, None, index, other)
