@@ -4,9 +4,10 @@ and the SiLU-gated product of the MLP.
 Backends: "torch" (the reference, and the path with autograd) and "cpu" (csrc/decoder_ops.cpp, fp32: one
 pass per op over its rows, new output tensors). In a decode step the torch versions are ~30 dispatches
 per layer, each finding its few rows evicted by the GEMM before it (bench/README.md, "decoder ops").
-"auto": cpu for fp32 CPU tensors in the layout the C++ reads (last dim contiguous; rope's cos and sin one
-row per token) when autograd is off or nothing requires a gradient, torch otherwise (also when the C++
-build failed: load_cpp has warned once). "cpu" refuses other layouts with a ValueError naming them.
+"auto": cpu for fp32 CPU tensors in the shapes and layout the C++ reads (the documented dims, last dim
+contiguous; rope's cos and sin one row per token) when autograd is off or nothing requires a gradient,
+torch otherwise (also when the C++ build failed: load_cpp has warned once). "cpu" refuses other shapes
+and layouts with a ValueError naming them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         raise ValueError("x must have at least one dim (the normalised one), got a 0-d tensor")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    module = _cpp_module(backend, (x, weight, residual), _last_dim_contiguous(x, weight, residual))
+    module = _cpp_module(backend, (x, weight, residual),
+                         weight.dim() == 1 and _last_dim_contiguous(x, weight, residual))
     if module is not None:
         if x.dim() == 2:  # the engine's (N, hidden) rows
             out, total = module.rms_norm(x, weight, eps, residual)
@@ -48,7 +50,8 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "au
     head dim are the (real, imaginary) parts. Returns new tensors."""
     per_token = (cos.shape == sin.shape == (q.shape[0], 1, q.shape[-1] // 2) and cos.is_contiguous()
                  and sin.is_contiguous())
-    module = _cpp_module(backend, (q, k, cos, sin), per_token and q.stride(-1) == k.stride(-1) == 1)
+    module = _cpp_module(backend, (q, k, cos, sin),
+                         per_token and q.dim() == k.dim() == 3 and q.stride(-1) == k.stride(-1) == 1)
     if module is not None:
         q_out, k_out = module.rotary(q, k, cos.flatten(1), sin.flatten(1))
         return q_out, k_out
@@ -62,7 +65,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def silu_mul(gate_up: Tensor, *, backend: str = "auto") -> Tensor:
     """(N, 2I) [gate | up] -> (N, I) silu(gate) * up."""
-    module = _cpp_module(backend, (gate_up,), _last_dim_contiguous(gate_up))
+    module = _cpp_module(backend, (gate_up,), gate_up.dim() == 2 and _last_dim_contiguous(gate_up))
     if module is not None:
         return module.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)

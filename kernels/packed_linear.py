@@ -89,7 +89,7 @@ def packed_lora_linear(x: Tensor, folded: PackedWeight, bias: Tensor | None, ada
 
     folded = pack_weight([W; A_0; ..; A_{L-1}]) (the A factors, (width, K) each, appended as extra output
     rows: the same GEMM gives every adapter's shrink); expand = pack_lora_expand([B_0 .. B_{L-1}], L);
-    bias (out_features,) or None. Each row reads only its own adapter's expand columns, added to its
+    bias (OUT,) or None. Each row reads only its own adapter's expand columns, added to its
     outputs inside the GEMM.
     """
     _require_available()

@@ -120,6 +120,15 @@ def test_auto_takes_torch_for_layouts_the_cpp_does_not_read():
         torch.testing.assert_close(out, expected, **TOLERANCE)
     with pytest.raises(ValueError, match="cos and sin must be"):
         rotary(q, k, cos, sin, backend="cpu")
+    # shapes beyond the documented ones (the torch path's semantics): the same result as backend="torch"
+    x, weight = torch.randn(3, 2, 8), torch.rand(2, 8) + 0.5
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm(x, weight, 1e-6, backend="torch"))
+    gate_up = torch.randn(2, 3, 8)
+    torch.testing.assert_close(silu_mul(gate_up), silu_mul(gate_up, backend="torch"))
+    q4, k4, angles = torch.randn(3, 3, 2, 8), torch.randn(3, 3, 1, 8), torch.rand(3, 1, 4)  # (B, N, H, D)
+    for out, expected in zip(rotary(q4, k4, angles.cos(), angles.sin()),
+                             rotary(q4, k4, angles.cos(), angles.sin(), backend="torch"), strict=True):
+        torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize(

@@ -65,8 +65,9 @@ def test_non_contiguous_rows_and_no_rows():
     assert packed_linear.packed_linear(torch.randn(0, 24), packed).shape == (0, 40)
 
 
-def mapping_of(address: int) -> dict[str, int] | None:
-    """The /proc/self/smaps entry (start, end, AnonHugePages in bytes) of the mapping holding `address`."""
+def mapping_of(address: int) -> dict | None:
+    """The /proc/self/smaps entry of the mapping holding `address`: start, end, huge (AnonHugePages, bytes)
+    and flags (VmFlags; "hg": advised MADV_HUGEPAGE)."""
     entry = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         first = line.split()[0]
@@ -74,27 +75,36 @@ def mapping_of(address: int) -> dict[str, int] | None:
             start, end = (int(a, 16) for a in first.split("-"))
             entry = dict(start=start, end=end) if start <= address < end else None
         elif entry is not None and first == "AnonHugePages:":
-            return entry | dict(huge=int(line.split()[1]) * 1024)
+            entry["huge"] = int(line.split()[1]) * 1024
+        elif entry is not None and first == "VmFlags:":
+            return entry | dict(flags=line.split()[1:])
     return None
 
 
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HAS_THP = sys.platform == "linux" and THP_SETTING.exists() and "[never]" not in THP_SETTING.read_text()
+def thp_setting(name: str) -> str:
+    """The selected value of /sys/kernel/mm/transparent_hugepage/<name>, '' where there is none."""
+    path = Path("/sys/kernel/mm/transparent_hugepage") / name
+    return path.read_text().split("[")[1].split("]")[0] if path.exists() else ""
 
 
 @needs_packed
-@pytest.mark.skipif(not HAS_THP, reason="needs transparent huge pages (Linux, not 'never')")
+@pytest.mark.skipif(sys.platform != "linux", reason="huge pages are Linux's (madvise, /proc/self/smaps)")
 def test_packed_weights_live_in_huge_pages_last_one_included_and_are_unmapped_with_the_tensor():
     """Whatever the heap handed out before (freed, touched memory is what malloc reuses, and advice does not
-    turn its 4 KB pages into huge ones), every 2 MB of a packed weight of at least 2 MB is one huge page,
-    its partly used last one too; the mapping goes with the tensor."""
+    turn its 4 KB pages into huge ones), a packed weight of at least 2 MB is a 2 MB-aligned mapping of its
+    own, rounded up to whole huge pages and advised as such; where the kernel makes huge pages on a fault
+    (THP on, compaction allowed) every page is one, the partly used last one too. The mapping goes with
+    the tensor."""
     churn = [torch.ones(3 << 20) for _ in range(8)]  # touched memory, then freed: the heap's to reuse
     del churn
     weight = torch.randn(768 + 32, 768)
     packed = packed_linear.pack_weight(weight)  # 2.34 MB: one full page and a tail
     nbytes, address = packed.panels.numel() * 4, packed.panels.data_ptr()
     mapping = mapping_of(address)
-    assert address % (2 << 20) == 0 and mapping["huge"] == 4 << 20 >= nbytes
+    assert address % (2 << 20) == 0 and mapping["start"] == address and "hg" in mapping["flags"]
+    assert mapping["end"] - mapping["start"] == 4 << 20 >= nbytes
+    if thp_setting("enabled") in ("always", "madvise") and thp_setting("defrag") != "never":
+        assert mapping["huge"] == 4 << 20
     x = torch.randn(3, 768)
     assert_within_fp32_rounding(packed_linear.packed_linear(x, packed), x.double() @ weight.double().T,
                                 x.double().abs() @ weight.double().abs().T)
