@@ -48,10 +48,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Rotate-half rope of q (N, Hq, D) and k (N, Hk, D) by cos, sin (N, 1, D/2): the two halves of the
     head dim are the (real, imaginary) parts. Returns new tensors."""
-    per_token = (cos.shape == sin.shape == (q.shape[0], 1, q.shape[-1] // 2) and cos.is_contiguous()
-                 and sin.is_contiguous())
-    module = _cpp_module(backend, (q, k, cos, sin),
-                         per_token and q.dim() == k.dim() == 3 and q.stride(-1) == k.stride(-1) == 1)
+    if q.dim() == 0 or k.dim() == 0:
+        raise ValueError(f"q and k must have a head dim, got {q.dim()}-d and {k.dim()}-d tensors")
+    fits = (q.dim() == k.dim() == 3 and q.stride(-1) == k.stride(-1) == 1  # cos, sin: one row per token
+            and cos.shape == sin.shape == (q.shape[0], 1, q.shape[-1] // 2) and cos.is_contiguous()
+            and sin.is_contiguous())
+    module = _cpp_module(backend, (q, k, cos, sin), fits)
     if module is not None:
         q_out, k_out = module.rotary(q, k, cos.flatten(1), sin.flatten(1))
         return q_out, k_out

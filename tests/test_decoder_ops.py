@@ -146,6 +146,8 @@ def test_auto_takes_torch_for_layouts_the_cpp_does_not_read():
          "no backward"),
         (lambda: rms_norm(torch.tensor(1.0), torch.ones(()), 1e-6), "at least one dim"),
         (lambda: rms_norm(torch.tensor(1.0), torch.ones(()), 1e-6, backend="torch"), "at least one dim"),
+        (lambda: rotary(torch.tensor(1.0), torch.ones(2, 1, 8), torch.ones(2, 1, 4), torch.ones(2, 1, 4)),
+         "head dim"),
     ],
 )
 def test_bad_inputs_raise_value_error(call, message):
