@@ -50,7 +50,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "au
     head dim are the (real, imaginary) parts. Returns new tensors."""
     if q.dim() == 0 or k.dim() == 0:
         raise ValueError(f"q and k must have a head dim, got {q.dim()}-d and {k.dim()}-d tensors")
-    fits = (q.dim() == k.dim() == 3 and q.stride(-1) == k.stride(-1) == 1  # cos, sin: one row per token
+    fits = (q.dim() == k.dim() == 3 and _last_dim_contiguous(q, k)  # cos, sin: one row per token
             and cos.shape == sin.shape == (q.shape[0], 1, q.shape[-1] // 2) and cos.is_contiguous()
             and sin.is_contiguous())
     module = _cpp_module(backend, (q, k, cos, sin), fits)
