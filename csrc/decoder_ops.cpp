@@ -10,6 +10,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "kernel_api.h"
 #include "simd_math.h"
 
 #include <cmath>
@@ -147,4 +148,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "(norm(x [+ residual]) * weight, x + residual or an empty tensor)");
   m.def("silu_mul", &silu_mul, "(N, 2I) [gate | up] -> silu(gate) * up");
   m.def("rotary", &rotary, "rotate-half rope of q and k -> new q, k");
+  static const mope::DecoderOpsApi api{&rms_norm, &silu_mul, &rotary};
+  m.attr("api") = mope::api_capsule(api);
 }

@@ -11,6 +11,8 @@
 // ride along: their A factors as extra panels, their expands added inside the micro-kernel.
 #include <torch/extension.h>
 
+#include "kernel_api.h"
+
 #include <ATen/Parallel.h>
 
 #ifdef _OPENMP
@@ -488,4 +490,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_expand", &pack_expand, "LoRA expand factors (N, L * width) -> their nonzero column spans per panel");
   m.def("packed_lora_linear", &packed_lora_linear,
         "[x W^T + b + each row's LoRA delta | every adapter's shrink] from the folded [W; A] panels");
+  static const mope::LinearApi api{&packed_linear, &packed_lora_linear};
+  m.attr("api") = mope::api_capsule(api);
 }

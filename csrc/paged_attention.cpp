@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "kernel_api.h"
 #include "simd_math.h"
 
 #include <algorithm>
@@ -292,4 +293,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "k_cache, v_cache [slot] = k, v (paged cache write)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention (q, k_cache, v_cache, block_tables, context_lens, scale) -> out");
+  static const mope::AttentionApi api{&store_kv, &paged_decode_attention};
+  m.attr("api") = mope::api_capsule(api);
 }

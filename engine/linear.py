@@ -16,7 +16,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from mope.kernels import packed_linear
+from mope.kernels import decode_layers, packed_linear
 from torch import Tensor, nn
 
 PACKED_MAX_ROWS = packed_linear.MAX_ROWS
@@ -74,3 +74,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_linear(x, self.weight, self.bias)
+
+    def decode_projection(self, x: Tensor):
+        """This layer for `decode_layers` when `fast_linear` would run our packed kernel on x, else None."""
+        if not (packed_linear.available() and takes_packed_path(x, self.weight)):
+            return None
+        return decode_layers.projection(packed_weight(self.weight), self.bias)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mope.kernels import packed_linear
+from mope.kernels import decode_layers, packed_linear
 from mope.kernels.lora import BACKENDS, LoRARows, add_lora
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -264,13 +264,27 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         if not step.packed:
             return add_lora(self.base_layer(x), x, self.lora.a, self.lora.b, step.rows, backend=self.backend)
+        bias, expand = self._packed_expand()
+        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), bias,
+                                                step.rows.adapter_index, expand)
+
+    def decode_projection(self, x: Tensor):
+        """This layer for `decode_layers` when its forward would run the packed kernels on x, else None."""
+        step = self.step
+        if step.rows is None:
+            return self.base_layer.decode_projection(x)
+        if not step.packed:
+            return None
+        bias, expand = self._packed_expand()
+        return decode_layers.projection(packed_weight(self.folded_weight), bias, expand,
+                                        step.rows.adapter_index)
+
+    def _packed_expand(self) -> tuple[Tensor | None, packed_linear.PackedExpand]:
         if self._packed is None:  # the expand: [B_0 .. B_{L-1}] side by side, (out, L * width)
             num_adapters, out_features, width = self.lora.b.shape
             expand = self.lora.b.permute(1, 0, 2).reshape(out_features, num_adapters * width)
             self._packed = (self.base_layer.bias, packed_linear.pack_lora_expand(expand, num_adapters))
-        bias, expand = self._packed
-        return packed_linear.packed_lora_linear(x, packed_weight(self.folded_weight), bias,
-                                                step.rows.adapter_index, expand)
+        return self._packed
 
 
 def stack_all(model: CausalLM, adapters: list[LoRAAdapter]) -> dict[tuple[int, str], StackedLoRA]:

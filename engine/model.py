@@ -7,6 +7,9 @@ into their row shards at load time (`PACKED_MODULES`, used by the loader).
 from __future__ import annotations
 
 import torch
+from mope.kernels.decode_layers import available as decode_layers_available
+from mope.kernels.decode_layers import decode_layers
+from mope.kernels.decode_layers import layer as decode_layer
 from mope.kernels.decoder_ops import rms_norm, rotary, silu_mul
 from torch import Tensor, nn
 
@@ -23,6 +26,13 @@ PACKED_MODULES = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (torch.nn.modules.module.register_module_*)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class MergedLinear(Linear):
@@ -180,10 +190,40 @@ class CausalLM(nn.Module):
             )
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
+        if not ctx.is_prefill and kv_cache is not None and ctx.slot_mapping is not None:
+            layers = self._decode_layers(x)
+            if layers is not None:
+                attn = self.model.layers[0].self_attn
+                return decode_layers(x, cos.flatten(1), sin.flatten(1), layers, self.model.norm.weight,
+                                     self.config.rms_norm_eps, kv_cache, ctx.slot_mapping, ctx.block_tables,
+                                     ctx.context_lens, num_heads=attn.num_heads,
+                                     num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, scale=attn.scale)
         residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, ctx, None if kv_cache is None else kv_cache[i])
         return self.model.norm(x, residual)[0]
+
+    def _decode_layers(self, x: Tensor) -> list | None:
+        """The layers as `decode_layers` takes them when each of their ops would run its C++ kernel on x's
+        rows anyway (CPU, fp32, no autograd, the packed GEMM; no module hooks to run): one call, same
+        result.
+        None: run them one by one."""
+        if not decode_layers_available() or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return None
+        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules()):
+            return None
+        layers = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = [p.decode_projection(x) if hasattr(p, "decode_projection") else None
+                           for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            if hasattr(attn, "q_norm"):
+                norms += [attn.q_norm.weight, attn.k_norm.weight]
+            if None in projections or any(w.dtype != torch.float32 for w in norms):
+                return None
+            layers.append(decode_layer(*norms[:2], *projections, *norms[2:]))
+        return layers
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(M, hidden) -> (M, vocab) fp32 logits."""

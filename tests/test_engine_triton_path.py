@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 from helpers import make_tiny_checkpoint, save_adapter
-from mope.engine import attention, experts
+from mope.engine import attention, experts, model
 from mope.engine.engine import Engine
 from mope.engine.lora import LoRAGroup, LoRALinear
 from mope.engine.model_runner import ModelRunner
@@ -67,6 +67,8 @@ def force_triton(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(attention, "paged_decode_attention",
                         functools.partial(attention.paged_decode_attention, backend="triton"))
     monkeypatch.setattr(experts, "LoRAGroup", functools.partial(LoRAGroup, backend="triton"))
+    # on CUDA the layers run one by one (decode_layers is CPU-only)
+    monkeypatch.setattr(model, "decode_layers_available", lambda: False)
     calls = dict.fromkeys(["mix", "attention", "lora"], 0)
     for module, name, key in ((mix_triton, "mix_sample_triton", "mix"),
                               (paged_attention_triton, "paged_decode_attention_triton", "attention"),

@@ -1,0 +1,124 @@
+// A decode step's decoder layers and final norm as one call: the same kernels, in the same order and on the
+// same tensors as engine/model.py's layers (bit-identical output), without Python between them.
+//
+// A decode step makes ~12 kernel calls per layer. From Python each costs ~2 us warm but ~30 us right
+// after a weight-streaming GEMM has evicted the interpreter's objects, and the other core spins meanwhile:
+// perf put ~24% of the main thread outside the kernels at 4 rows (bench/README.md, decode layers in C++).
+// The kernels live in three extension modules; their entry points come in as capsules (kernel_api.h).
+#include <torch/extension.h>
+
+#include "kernel_api.h"
+
+#include <cstring>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace {
+
+namespace py = pybind11;
+
+// One projection: pack_weight's panels (plain linear), or the folded [W; A] panels with the expand of
+// pack_lora_expand and each row's adapter (LoRA), as packed_linear.py checked them.
+struct Projection {
+  torch::Tensor panels;
+  int64_t out_features;
+  std::optional<torch::Tensor> bias, expand, k_ranges, adapter_index;
+  int64_t width;
+};
+
+struct Layer {
+  torch::Tensor input_norm, post_norm;
+  std::optional<torch::Tensor> q_norm, k_norm;  // Qwen3's per-head norms, both or neither
+  Projection qkv, o, gate_up, down;
+};
+
+template <typename Api>
+const Api& api_of(const py::capsule& capsule) {
+  const char* name = capsule.name();
+  TORCH_CHECK_VALUE(name != nullptr && std::strcmp(name, Api::kName) == 0, "expected the capsule ", Api::kName,
+                    ", got ", name == nullptr ? "an unnamed one" : name, " (a stale build: rebuild the extensions)");
+  return *static_cast<const Api*>(capsule.get_pointer());
+}
+
+void check_same_layout(const torch::Tensor& cache, const torch::Tensor& first, size_t layer, const char* name) {
+  TORCH_CHECK_VALUE(cache.sizes() == first.sizes() && cache.strides() == first.strides() &&
+                        cache.scalar_type() == first.scalar_type() && cache.device() == first.device(),
+                    "layer ", layer, "'s ", name, " must have layer 0's shape, strides, dtype and device (",
+                    first.sizes(), " ", first.strides(), "), got ", cache.sizes(), " ", cache.strides());
+}
+
+// x (N, hidden) embedded tokens, one per sequence; cos, sin (N, D/2); kv_caches per layer, layer 0's
+// checked by the caller (kernels/decode_layers.py) and every other layer's against it -> final hidden (N, hidden).
+torch::Tensor decode_layers(const py::capsule& linear_capsule, const py::capsule& ops_capsule,
+                            const py::capsule& attention_capsule, const torch::Tensor& x, const torch::Tensor& cos,
+                            const torch::Tensor& sin, const std::vector<Layer>& layers, const torch::Tensor& final_norm,
+                            double eps, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& kv_caches,
+                            const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                            const torch::Tensor& context_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale) {
+  const auto& linear_api = api_of<mope::LinearApi>(linear_capsule);
+  const auto& ops = api_of<mope::DecoderOpsApi>(ops_capsule);
+  const auto& attention = api_of<mope::AttentionApi>(attention_capsule);
+  TORCH_CHECK_VALUE(!layers.empty() && kv_caches.size() == layers.size(), "need one (k, v) cache per layer and at ",
+                    "least one layer, got ", kv_caches.size(), " caches for ", layers.size(), " layers");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be (N, hidden), got ", x.sizes());
+  for (size_t i = 1; i < kv_caches.size(); ++i) {
+    check_same_layout(kv_caches[i].first, kv_caches[0].first, i, "k_cache");
+    check_same_layout(kv_caches[i].second, kv_caches[0].second, i, "v_cache");
+  }
+  const int64_t rows = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  for (size_t i = 0; i < layers.size(); ++i)
+    TORCH_CHECK_VALUE(layers[i].qkv.out_features == q_size + 2 * kv_size, "layer ", i, "'s qkv projection must have ",
+                      q_size, " + 2 x ", kv_size, " outputs (q | k | v), got ", layers[i].qkv.out_features);
+
+  py::gil_scoped_release no_gil;  // nothing below touches a Python object
+  auto linear = [&](const torch::Tensor& in, const Projection& p) {
+    if (!p.expand) return linear_api.linear(in, p.panels, p.out_features, p.bias);
+    return linear_api.lora_linear(in, p.panels, p.out_features, p.bias, *p.adapter_index, *p.expand, *p.k_ranges,
+                                  p.width);
+  };
+  auto head_norm = [&](const torch::Tensor& t, const torch::Tensor& weight) {  // over (N, H, D) as rows of D
+    return ops.rms_norm(t.reshape({-1, head_dim}), weight, eps, std::nullopt)[0].view(t.sizes());
+  };
+  torch::Tensor hidden = x, residual;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& layer = layers[i];
+    torch::Tensor normed;
+    if (residual.defined()) {
+      auto out = ops.rms_norm(hidden, layer.input_norm, eps, residual);
+      normed = out[0], residual = out[1];
+    } else {
+      normed = ops.rms_norm(hidden, layer.input_norm, eps, std::nullopt)[0], residual = hidden;
+    }
+    const torch::Tensor qkv = linear(normed, layer.qkv);
+    torch::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
+    torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
+    const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
+    if (layer.q_norm) q = head_norm(q, *layer.q_norm), k = head_norm(k, *layer.k_norm);
+    auto rotated = ops.rotary(q, k, cos, sin);
+    torch::Tensor k_cache = kv_caches[i].first, v_cache = kv_caches[i].second;
+    attention.store_kv(rotated[1], v, k_cache, v_cache, slot_mapping);
+    const torch::Tensor attended =
+        attention.paged_decode_attention(rotated[0], k_cache, v_cache, block_tables, context_lens, scale);
+    auto post = ops.rms_norm(linear(attended.view({rows, q_size}), layer.o), layer.post_norm, eps, residual);
+    residual = post[1];
+    hidden = linear(ops.silu_mul(linear(post[0], layer.gate_up)), layer.down);
+  }
+  return ops.rms_norm(hidden, final_norm, eps, residual)[0];
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Projection>(m, "Projection")
+      .def(py::init<torch::Tensor, int64_t, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
+                    std::optional<torch::Tensor>, std::optional<torch::Tensor>, int64_t>(),
+           py::arg("panels"), py::arg("out_features"), py::arg("bias"), py::arg("expand") = py::none(),
+           py::arg("k_ranges") = py::none(), py::arg("adapter_index") = py::none(), py::arg("width") = 0);
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
+                    Projection, Projection, Projection, Projection>(),
+           py::arg("input_norm"), py::arg("post_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"),
+           py::arg("o"), py::arg("gate_up"), py::arg("down"));
+  m.def("decode_layers", &decode_layers, "a decode step's decoder layers and final norm -> hidden (N, hidden)");
+}

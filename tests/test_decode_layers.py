@@ -1,0 +1,181 @@
+"""decode_layers (one C++ call for a decode step's decoder layers) against the same layers run one by one in
+Python, which call the same kernels: outputs and written K/V must be bit-identical, for every architecture
+variant and for LoRA groups. The layers themselves are tested against transformers (tests/test_models.py,
+whose decode steps now take this path)."""
+
+import functools
+
+import pytest
+import torch
+from helpers import PACKED_LINEAR_RUNS, make_tiny_checkpoint, save_adapter
+from mope.engine import model as model_module
+from mope.engine.context import AttentionContext
+from mope.engine.loader import load_model
+from mope.engine.lora import LoRAGroup
+from mope.kernels import decode_layers, packed_linear
+from mope.kernels.cpp_build import load_cpp
+
+pytestmark = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs a C++ compiler and an AVX-512 CPU")
+
+BLOCK_SIZE = 4
+VARIANTS = {
+    "llama-gqa": ("llama", {}),
+    "llama-tied-mqa-biases": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1,
+                                        "attention_bias": True, "mlp_bias": True}),
+    "qwen2-bias": ("qwen2", {}),
+    "qwen3-qknorm-wide-heads": ("qwen3", {"head_dim": 32}),
+}
+
+
+class DecodeStep:
+    """A decode step of `rows` sequences over random cached K/V (a pool per layer, k and v interleaved per
+    block as the KV pool lays them out), with lengths 1 .. 3 blocks."""
+
+    def __init__(self, config, rows: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        blocks_per_seq = 3
+        num_blocks = rows * blocks_per_seq + 2
+        shape = (num_blocks, 2, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+        self.pools = [torch.randn(shape, generator=generator) for _ in range(config.num_layers)]
+        tables = torch.randperm(num_blocks, generator=generator)[: rows * blocks_per_seq].view(rows, -1).int()
+        lens = torch.randint(1, blocks_per_seq * BLOCK_SIZE + 1, (rows,), generator=generator)
+        last = lens - 1
+        slots = tables[torch.arange(rows), last // BLOCK_SIZE].long() * BLOCK_SIZE + last % BLOCK_SIZE
+        self.ctx = AttentionContext(is_prefill=False, context_lens=lens.int(), block_tables=tables,
+                                    slot_mapping=slots)
+        self.input_ids = torch.randint(3, 300, (rows,), generator=generator)
+        self.positions = last
+
+    def run(self, model, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(hidden, the K/V pools after the step), from fresh copies of the pools."""
+        pools = [pool.clone() for pool in self.pools]
+        kv_cache = [(pool[:, 0], pool[:, 1]) for pool in pools]
+        with torch.no_grad():
+            hidden = model(self.input_ids, self.positions, self.ctx, kv_cache, **kwargs)
+        return hidden, pools
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """Counts the model's decode_layers calls (one per forward that took the C++ path)."""
+    counted = []
+
+    @functools.wraps(decode_layers.decode_layers)
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return decode_layers.decode_layers(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "decode_layers", counting)
+    return counted
+
+
+def layer_by_layer(monkeypatch, run):
+    """`run()` with the layers run one by one in Python (the reference)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "decode_layers_available", lambda: False)
+        return run()
+
+
+def assert_identical(got, expected):
+    (hidden, pools), (expected_hidden, expected_pools) = got, expected
+    assert torch.equal(hidden, expected_hidden)
+    for pool, expected_pool in zip(pools, expected_pools, strict=True):
+        assert torch.equal(pool, expected_pool)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_decode_layers_equal_the_layers_one_by_one(tmp_path, monkeypatch, calls, variant, rows):
+    arch, overrides = VARIANTS[variant]
+    model = load_model(make_tiny_checkpoint(tmp_path / variant, arch, seed=rows, **overrides))
+    step = DecodeStep(model.config, rows, seed=rows)
+    expected = layer_by_layer(monkeypatch, lambda: step.run(model))
+    assert not calls
+    got = step.run(model)
+    assert calls == [1]
+    assert_identical(got, expected)
+    assert not torch.equal(got[1][0], step.pools[0])  # the new K/V were written
+
+
+def test_lora_group_decode_equals_the_layers_one_by_one(tmp_path, monkeypatch, calls):
+    """Adapter experts (different targets and ranks; rows of the base, adapter -1, among them)."""
+    base = make_tiny_checkpoint(tmp_path / "base", "qwen2", seed=3)
+    adapters = [save_adapter(base, tmp_path / "a0", seed=0, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "down_proj"]),
+                save_adapter(base, tmp_path / "a1", seed=1, r=8, lora_alpha=4,
+                             target_modules=["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])]
+    group = LoRAGroup(load_model(base), adapters, base_path=base)
+    step = DecodeStep(group.config, 7, seed=4)
+    adapter_index = torch.tensor([0, 1, -1, 1, 0, 0, 1])
+    expected = layer_by_layer(monkeypatch, lambda: step.run(group, adapter_index=adapter_index))
+    got = step.run(group, adapter_index=adapter_index)
+    assert calls == [1]
+    assert_identical(got, expected)
+    plain = step.run(group.base)  # no step rows: the base alone, also one call
+    assert calls == [1, 1] and not torch.equal(plain[0], got[0])
+
+
+def test_layers_run_one_by_one_where_the_call_does_not_apply(tmp_path, calls):
+    """Module hooks run, autograd records, and steps past the packed GEMM's rows are not one call."""
+    model = load_model(make_tiny_checkpoint(tmp_path / "m", "llama", seed=5))
+    step = DecodeStep(model.config, 3)
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *_: seen.append(1))
+    step.run(model)
+    handle.remove()
+    assert seen == [1] and not calls
+    kv_cache = [(pool[:, 0], pool[:, 1]) for pool in (pool.clone() for pool in step.pools)]
+    model.requires_grad_(False).model.norm.weight.requires_grad_(True)  # autograd past the cache writes
+    hidden = model(step.input_ids, step.positions, step.ctx, kv_cache)
+    assert hidden.requires_grad and not calls
+    wide = DecodeStep(model.config, packed_linear.MAX_ROWS + 1)
+    wide.run(model)
+    assert not calls
+    step.run(model)
+    assert calls == [1]
+
+
+def call_args(model, step: DecodeStep) -> tuple[list, list]:
+    x = model.model.embed_tokens(step.input_ids)
+    return model._decode_layers(x), [(pool[:, 0], pool[:, 1]) for pool in step.pools]
+
+
+def test_decode_layers_refuses_bad_inputs(tmp_path):
+    model = load_model(make_tiny_checkpoint(tmp_path / "m", "llama", seed=6))
+    config, step = model.config, DecodeStep(model.config, 2)
+    with torch.no_grad():
+        layers, kv_cache = call_args(model, step)
+        x = model.model.embed_tokens(step.input_ids)
+    cos = torch.ones(2, config.head_dim // 2)
+    ctx = step.ctx
+    heads = dict(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                 scale=0.25)
+
+    def call(x=x, layers=layers, kv_cache=kv_cache, block_tables=ctx.block_tables, **kwargs):
+        return decode_layers.decode_layers(x, cos, cos, layers, model.model.norm.weight, 1e-6, kv_cache,
+                                           ctx.slot_mapping, block_tables, ctx.context_lens,
+                                           **(heads | kwargs))
+
+    with pytest.raises(ValueError, match="one .k, v. cache per layer"):
+        call(kv_cache=kv_cache[:1])
+    narrow = [kv_cache[0], (kv_cache[1][0][:-1], kv_cache[1][1])]
+    with pytest.raises(ValueError, match="layer 1's k_cache must have layer 0's shape"):
+        call(kv_cache=narrow)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        call(block_tables=ctx.block_tables.long())
+    with pytest.raises(ValueError, match=r"x must be \(N, hidden\)"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="num_kv_heads is 1, the caches hold 2"):
+        call(num_kv_heads=1)
+    with pytest.raises(ValueError, match="layer 0's qkv projection must have 32 \\+ 2 x 32 outputs"):
+        call(num_heads=2)
+    with pytest.raises(ValueError, match="q_norm and k_norm go together"):
+        decode_layers.layer(x[0], x[0], *[None] * 4, q_norm=x[0])
+    with pytest.raises(ValueError, match="expand given.*needs adapter_index"):
+        decode_layers.projection(packed_linear.pack_weight(torch.ones(4, 3)), None,
+                                 packed_linear.pack_lora_expand(torch.ones(4, 2), 1))
+    apis = [load_cpp(name).api for name in ("decoder_ops", "decoder_ops", "paged_attention")]
+    with pytest.raises(ValueError, match="expected the capsule mope.packed_linear.api"):
+        load_cpp("decode_layers").decode_layers(*apis, x, cos, cos, layers, model.model.norm.weight, 1e-6,
+                                                kv_cache, ctx.slot_mapping, ctx.block_tables,
+                                                ctx.context_lens, *heads.values())
