@@ -197,10 +197,17 @@ def loop_rollout(models, pcm: LoopPCM, ids: list[list[int]], new_tokens: int) ->
 
 
 def forward_models(steps: list[DecodeStep], models, num_with_logits: int) -> None:
-    """One decode step of each model over its own K/V (steps[i]); the first `num_with_logits` (the
-    experts) also compute logits."""
-    for i, (step, model) in enumerate(zip(steps, models, strict=True)):
-        step.run(model, logits=i < num_with_logits)
+    """One decode step of each model over its own K/V (steps[i]), as the engine's runner makes it (the models
+    that take the one-call C++ path in one `decode_layers` call, side by side on the cores); the first
+    `num_with_logits` (the experts) also compute logits."""
+    from mope.kernels.decode_layers import decode_layers
+
+    calls = [model.decode_call(step.input_ids, step.positions, step.ctx, step.kv_cache)
+             for step, model in zip(steps, models, strict=True)]
+    for i, (step, model, hidden) in enumerate(zip(steps, models, decode_layers(calls), strict=True)):
+        out = hidden if hidden is not None else step.run(model, logits=False)
+        if i < num_with_logits:
+            model.compute_logits(out)
 
 
 @torch.inference_mode()

@@ -359,12 +359,26 @@ class LoRAGroup(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
                 kv_cache: list[tuple[Tensor, Tensor]] | None, adapter_index: Tensor) -> Tensor:
         """As `CausalLM.forward`; `adapter_index` (N,) int64 in [-1, L): each token's adapter (-1: none)."""
+        self._set_step(input_ids, adapter_index)
+        try:
+            return self.base(input_ids, positions, ctx, kv_cache)
+        finally:
+            self.step.rows = None
+
+    def _set_step(self, input_ids: Tensor, adapter_index: Tensor) -> None:
         if adapter_index.shape != input_ids.shape:
             raise ValueError(f"adapter_index must be (N,) like input_ids, got {tuple(adapter_index.shape)}")
         self.step.rows = LoRARows.from_index(adapter_index.to(input_ids.device), len(self.adapters))
         self.step.packed = self.takes_packed_path(len(input_ids), input_ids.device)
+
+    def decode_call(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
+                    kv_cache: list[tuple[Tensor, Tensor]] | None, adapter_index: Tensor):
+        """`forward` as a call for `decode_layers` (see `CausalLM.decode_call`), or None."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
+        self._set_step(input_ids, adapter_index)
         try:
-            return self.base(input_ids, positions, ctx, kv_cache)
+            return self.base.decode_call(input_ids, positions, ctx, kv_cache)
         finally:
             self.step.rows = None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from mope.kernels.decode_layers import available as decode_layers_available
-from mope.kernels.decode_layers import decode_layers
+from mope.kernels.decode_layers import decode_call, decode_layers
 from mope.kernels.decode_layers import layer as decode_layer
 from mope.kernels.decoder_ops import rms_norm, rotary, silu_mul
 from torch import Tensor, nn
@@ -172,6 +172,24 @@ class CausalLM(nn.Module):
         kv_cache: list[tuple[Tensor, Tensor]] | None,
     ) -> Tensor:
         """input_ids, positions (N,) int64: the step's tokens, sequences concatenated -> (N, hidden)."""
+        x, cos, sin = self._embed(input_ids, positions, kv_cache)
+        call = self._decode_call(x, cos, sin, ctx, kv_cache)
+        if call is not None:
+            return decode_layers([call])[0]
+        residual = None
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, cos, sin, ctx, None if kv_cache is None else kv_cache[i])
+        return self.model.norm(x, residual)[0]
+
+    def decode_call(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
+                    kv_cache: list[tuple[Tensor, Tensor]] | None):
+        """`forward` as a call for `mope.kernels.decode_layers.decode_layers`, which runs several models'
+        calls side by side; None where the one-call path does not apply (see `_decode_layers`)."""
+        return self._decode_call(*self._embed(input_ids, positions, kv_cache), ctx, kv_cache)
+
+    def _embed(self, input_ids: Tensor, positions: Tensor,
+               kv_cache: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The checked inputs' embeddings and their rope cos, sin (N, 1, D/2)."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and positions must be (N,), got {tuple(input_ids.shape)} and "
@@ -189,28 +207,28 @@ class CausalLM(nn.Module):
                 "not implemented: keep sequences within the window"
             )
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, x.dtype)
-        if not ctx.is_prefill and kv_cache is not None and ctx.slot_mapping is not None:
-            layers = self._decode_layers(x)
-            if layers is not None:
-                attn = self.model.layers[0].self_attn
-                return decode_layers(x, cos.flatten(1), sin.flatten(1), layers, self.model.norm.weight,
-                                     self.config.rms_norm_eps, kv_cache, ctx.slot_mapping, ctx.block_tables,
-                                     ctx.context_lens, num_heads=attn.num_heads,
-                                     num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, scale=attn.scale)
-        residual = None
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, ctx, None if kv_cache is None else kv_cache[i])
-        return self.model.norm(x, residual)[0]
+        return x, *rotary_cos_sin(positions, self.inv_freq, x.dtype)
+
+    def _decode_call(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext,
+                     kv_cache: list[tuple[Tensor, Tensor]] | None):
+        if ctx.is_prefill or kv_cache is None or ctx.slot_mapping is None:
+            return None
+        layers = self._decode_layers(x)
+        if layers is None:
+            return None
+        attn = self.model.layers[0].self_attn
+        return decode_call(x, cos.flatten(1), sin.flatten(1), layers, self.model.norm.weight,
+                           self.config.rms_norm_eps, kv_cache, ctx.slot_mapping, ctx.block_tables,
+                           ctx.context_lens, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+                           head_dim=attn.head_dim, scale=attn.scale)
 
     def _decode_layers(self, x: Tensor) -> list | None:
         """The layers as `decode_layers` takes them when each of their ops would run its C++ kernel on x's
-        rows anyway (CPU, fp32, no autograd, the packed GEMM; no module hooks to run): one call, same
-        result.
-        None: run them one by one."""
+        rows anyway (CPU, fp32, no autograd, the packed GEMM; no module hooks to run, this one's included):
+        one call, same result. None: run them one by one."""
         if not decode_layers_available() or x.dtype != torch.float32 or torch.is_grad_enabled():
             return None
-        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules()):
+        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
             return None
         layers = []
         for layer in self.model.layers:

@@ -10,6 +10,7 @@ from mope.engine.lora import LoRAGroup
 from mope.engine.scheduler import StepResult
 from mope.engine.sequence import Sequence, Track, row_seed
 from mope.engine.weight_provider import WeightProvider, check_simplex
+from mope.kernels.decode_layers import decode_layers
 from mope.kernels.mix_sample import mix_sample
 from torch import Tensor, nn
 
@@ -41,12 +42,13 @@ class ModelRunner:
         logits = self.logits[:, :batch]
         provider_hidden = None
         rows_per_model = self._rows_per_model(seqs)
+        work = []  # (group, its members with rows this step, their (sequence, track) rows)
         for group in self.groups:
             members = [m for m in group.members if m in rows_per_model]
-            if not members:
-                continue
-            entries = [(seqs[row], track) for m in members for row, track in rows_per_model[m]]
-            hidden = self._forward(group, entries, is_prefill)
+            if members:
+                entries = [(seqs[row], track) for m in members for row, track in rows_per_model[m]]
+                work.append((group, members, entries))
+        for (_, members, _), hidden in zip(work, self._forward(work, is_prefill), strict=True):
             for model, model_hidden in zip(members, hidden.split([len(rows_per_model[m]) for m in members]),
                                            strict=True):
                 if model < self.num_experts:
@@ -85,10 +87,26 @@ class ModelRunner:
                 rows.setdefault(track.model, []).append((row, track))
         return rows
 
-    def _forward(self, group: ForwardGroup, entries: list[tuple[Sequence, Track]],
-                 is_prefill: bool) -> Tensor:
-        """Run one group over its rows' new tokens; the hidden state (rows, hidden) at each row's last one
-        (a prefill's twin track takes its twin's instead of computing it again)."""
+    def _forward(self, work: list[tuple[ForwardGroup, list[int], list[tuple[Sequence, Track]]]],
+                 is_prefill: bool) -> list[Tensor]:
+        """Run each group over its rows' new tokens: the hidden state (rows, hidden) at each row's last one.
+        A decode step's groups that take the one-call C++ path run in one `decode_layers` call, side by
+        side on the cores; the others, and prefills, one forward each."""
+        inputs = [self._inputs(group, entries, is_prefill) for group, _, entries in work]
+        calls = [None if is_prefill or not hasattr(group.module, "decode_call")
+                 else group.module.decode_call(*args, **kwargs)
+                 for (group, _, _), (args, kwargs, _) in zip(work, inputs, strict=True)]
+        outputs = []
+        for hidden, (group, _, entries), (args, kwargs, cu_seqlens) in zip(decode_layers(calls), work, inputs,
+                                                                           strict=True):
+            out = hidden if hidden is not None else group.module(*args, **kwargs)
+            outputs.append(self._last_hidden(out, entries, cu_seqlens) if is_prefill else out)
+        return outputs
+
+    def _inputs(self, group: ForwardGroup, entries: list[tuple[Sequence, Track]],
+                is_prefill: bool) -> tuple[tuple, dict, list[int]]:
+        """The group's forward arguments (args, kwargs) for its rows' new tokens (a prefill's twin tracks
+        compute nothing), and the offsets of each computed track's tokens."""
         bs = self.block_size
         computed = [(seq, track) for seq, track in entries if track.twin is None]
         input_ids, positions, slots, context_lens, cu_seqlens, adapters = [], [], [], [], [0], []
@@ -114,16 +132,19 @@ class ModelRunner:
         )
         args = (tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx,
                 self.pool.views[entries[0][1].model])
-        if isinstance(group.module, LoRAGroup):
-            hidden = group.module(*args, adapter_index=tensor(adapters, torch.int64))
-        else:
-            hidden = group.module(*args)
-        if not is_prefill:
-            return hidden
+        is_lora = isinstance(group.module, LoRAGroup)
+        kwargs = {"adapter_index": tensor(adapters, torch.int64)} if is_lora else {}
+        return args, kwargs, cu_seqlens
+
+    def _last_hidden(self, hidden: Tensor, entries: list[tuple[Sequence, Track]],
+                     cu_seqlens: list[int]) -> Tensor:
+        """A prefill's hidden state at each row's last token (a twin track takes its twin's)."""
+        tensor = self._tensor
         last = hidden.index_select(0, tensor(cu_seqlens[1:], torch.int64) - 1)
+        computed = [track for _, track in entries if track.twin is None]
         if len(computed) == len(entries):
             return last
-        row = {id(track): i for i, (_, track) in enumerate(computed)}
+        row = {id(track): i for i, track in enumerate(computed)}
         rows = [row[id(track.twin or track)] for _, track in entries]
         return last.index_select(0, tensor(rows, torch.int64))
 

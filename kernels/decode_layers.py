@@ -1,9 +1,11 @@
-"""A decode step's decoder layers and final norm in one C++ call (csrc/decode_layers.cpp).
+"""A decode step's decoder layers and final norm, of one model or several, in one C++ call
+(csrc/decode_layers.cpp).
 
 The call runs, per layer, exactly the kernels that engine/model.py's layers call one by one on CPU in fp32
 (rms_norm, the packed GEMMs or their LoRA form, rotary, store_kv, paged decode attention, silu_mul), on
 the same tensors, so the result is bit-identical; what it saves is Python between them (~24% of a 4-row
-step's main thread, bench/README.md). The reference is the layers themselves (tests/test_decode_layers.py).
+step's main thread, bench/README.md), and with several models it runs them side by side, one per core.
+The reference is the layers themselves (tests/test_decode_layers.py).
 """
 
 from __future__ import annotations
@@ -52,13 +54,12 @@ def layer(input_norm: Tensor, post_norm: Tensor, qkv, o, gate_up, down, q_norm: 
     return _module().Layer(input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down)
 
 
-def decode_layers(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm: Tensor, eps: float,
-                  kv_caches: list[tuple[Tensor, Tensor]], slot_mapping: Tensor, block_tables: Tensor,
-                  context_lens: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                  scale: float) -> Tensor:
-    """norm(layers(x)): x (N, hidden) fp32, one new token per sequence; cos, sin (N, D/2) of its position;
-    layer i stores its K/V at `slot_mapping` in kv_caches[i] and attends through `block_tables` over
-    `context_lens` tokens (as `paged_decode_attention`) -> (N, hidden)."""
+def decode_call(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm: Tensor, eps: float,
+                kv_caches: list[tuple[Tensor, Tensor]], slot_mapping: Tensor, block_tables: Tensor,
+                context_lens: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """One model's decode step for `decode_layers`: x (N, hidden) fp32, one new token per sequence; cos, sin
+    (N, D/2) of its position; layer i stores its K/V at `slot_mapping` in kv_caches[i] and attends through
+    `block_tables` over `context_lens` tokens (as `paged_decode_attention`)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] > packed_linear.MAX_ROWS:
         raise ValueError(f"x must be (N, hidden) with N <= {packed_linear.MAX_ROWS}, got {describe(x)}")
     if len(kv_caches) != len(layers) or not layers:
@@ -67,9 +68,19 @@ def decode_layers(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm:
     check_paged_attention_args(q_like, *kv_caches[0], block_tables, context_lens, scale)
     if kv_caches[0][0].shape[2] != num_kv_heads:
         raise ValueError(f"num_kv_heads is {num_kv_heads}, the caches hold {kv_caches[0][0].shape[2]}")
-    kernels = [load_cpp(name).api for name in _KERNELS]
-    return _module().decode_layers(*kernels, x, cos, sin, layers, final_norm, eps, kv_caches, slot_mapping,
-                                   block_tables, context_lens, num_heads, num_kv_heads, head_dim, scale)
+    return _module().Call(x, cos, sin, layers, final_norm, eps, kv_caches, slot_mapping, block_tables,
+                          context_lens, num_heads, num_kv_heads, head_dim, scale)
+
+
+def decode_layers(calls: list) -> list[Tensor | None]:
+    """norm(layers(x)) of each `decode_call` -> its hidden state (N, hidden); None for a None call (a model
+    that runs its layers one by one). With at least as many calls as torch's threads, one call per thread
+    at a time (the rest, calls % threads, on all threads)."""
+    given = [call for call in calls if call is not None]
+    if not given:
+        return [None] * len(calls)
+    hidden = iter(_module().decode_layers(*[load_cpp(name).api for name in _KERNELS], given))
+    return [None if call is None else next(hidden) for call in calls]
 
 
 def _module():

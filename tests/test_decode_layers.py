@@ -1,17 +1,20 @@
-"""decode_layers (one C++ call for a decode step's decoder layers) against the same layers run one by one in
-Python, which call the same kernels: outputs and written K/V must be bit-identical, for every architecture
-variant and for LoRA groups. The layers themselves are tested against transformers (tests/test_models.py,
-whose decode steps now take this path)."""
+"""decode_layers (one C++ call for a decode step's decoder layers, of one model or several side by side)
+against the same layers run one by one in Python, which call the same kernels: outputs and written K/V must
+be bit-identical, for every architecture variant and for LoRA groups. The layers themselves are tested
+against transformers (tests/test_models.py and tests/test_engine.py, whose decode steps take this path)."""
 
 import functools
 
 import pytest
 import torch
-from helpers import PACKED_LINEAR_RUNS, make_tiny_checkpoint, save_adapter
+from helpers import PACKED_LINEAR_RUNS, make_tiny_checkpoint, on_threads, save_adapter
 from mope.engine import model as model_module
+from mope.engine import model_runner
 from mope.engine.context import AttentionContext
+from mope.engine.engine import Engine
 from mope.engine.loader import load_model
 from mope.engine.lora import LoRAGroup
+from mope.engine.sampling_params import SamplingParams
 from mope.kernels import decode_layers, packed_linear
 from mope.kernels.cpp_build import load_cpp
 
@@ -135,26 +138,23 @@ def test_layers_run_one_by_one_where_the_call_does_not_apply(tmp_path, calls):
     assert calls == [1]
 
 
-def call_args(model, step: DecodeStep) -> tuple[list, list]:
-    x = model.model.embed_tokens(step.input_ids)
-    return model._decode_layers(x), [(pool[:, 0], pool[:, 1]) for pool in step.pools]
-
-
 def test_decode_layers_refuses_bad_inputs(tmp_path):
     model = load_model(make_tiny_checkpoint(tmp_path / "m", "llama", seed=6))
     config, step = model.config, DecodeStep(model.config, 2)
+    kv_cache = [(pool[:, 0], pool[:, 1]) for pool in step.pools]
     with torch.no_grad():
-        layers, kv_cache = call_args(model, step)
         x = model.model.embed_tokens(step.input_ids)
+        layers = model._decode_layers(x)
     cos = torch.ones(2, config.head_dim // 2)
     ctx = step.ctx
     heads = dict(num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                  scale=0.25)
 
-    def call(x=x, layers=layers, kv_cache=kv_cache, block_tables=ctx.block_tables, **kwargs):
-        return decode_layers.decode_layers(x, cos, cos, layers, model.model.norm.weight, 1e-6, kv_cache,
-                                           ctx.slot_mapping, block_tables, ctx.context_lens,
-                                           **(heads | kwargs))
+    def call(x=x, layers=layers, kv_cache=kv_cache, block_tables=ctx.block_tables, slots=ctx.slot_mapping,
+             **kwargs):
+        made = decode_layers.decode_call(x, cos, cos, layers, model.model.norm.weight, 1e-6, kv_cache, slots,
+                                         block_tables, ctx.context_lens, **(heads | kwargs))
+        return decode_layers.decode_layers([made])
 
     with pytest.raises(ValueError, match="one .k, v. cache per layer"):
         call(kv_cache=kv_cache[:1])
@@ -169,13 +169,79 @@ def test_decode_layers_refuses_bad_inputs(tmp_path):
         call(num_kv_heads=1)
     with pytest.raises(ValueError, match="layer 0's qkv projection must have 32 \\+ 2 x 32 outputs"):
         call(num_heads=2)
+    with pytest.raises(ValueError, match="slot"):  # found by store_kv inside the call
+        call(slots=ctx.slot_mapping + 10**6)
     with pytest.raises(ValueError, match="q_norm and k_norm go together"):
         decode_layers.layer(x[0], x[0], *[None] * 4, q_norm=x[0])
     with pytest.raises(ValueError, match="expand given.*needs adapter_index"):
         decode_layers.projection(packed_linear.pack_weight(torch.ones(4, 3)), None,
                                  packed_linear.pack_lora_expand(torch.ones(4, 2), 1))
+    good = decode_layers.decode_call(x, cos, cos, layers, model.model.norm.weight, 1e-6, kv_cache,
+                                     ctx.slot_mapping, ctx.block_tables, ctx.context_lens, **heads)
     apis = [load_cpp(name).api for name in ("decoder_ops", "decoder_ops", "paged_attention")]
     with pytest.raises(ValueError, match="expected the capsule mope.packed_linear.api"):
-        load_cpp("decode_layers").decode_layers(*apis, x, cos, cos, layers, model.model.norm.weight, 1e-6,
-                                                kv_cache, ctx.slot_mapping, ctx.block_tables,
-                                                ctx.context_lens, *heads.values())
+        load_cpp("decode_layers").decode_layers(*apis, [good])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_several_models_in_one_call_equal_each_alone(tmp_path, monkeypatch, threads):
+    """Five models' calls (a LoRA group among them) in one decode_layers: side by side on the threads, the
+    rest (5 % threads) one after another; each equals its model run layer by layer. An error inside a
+    call running beside another (a slot outside the cache, found by store_kv) is raised after the others."""
+    base = make_tiny_checkpoint(tmp_path / "base", "llama", seed=7)
+    group = LoRAGroup(load_model(base), [save_adapter(base, tmp_path / "a", seed=2, r=4, lora_alpha=8,
+                                                      target_modules=["o_proj", "up_proj"])], base_path=base)
+    models = [load_model(make_tiny_checkpoint(tmp_path / f"m{i}", arch, seed=i, **overrides))
+              for i, (arch, overrides) in enumerate(VARIANTS.values())]
+    steps = [DecodeStep(m.config, rows, seed=rows) for m, rows in zip(models, [1, 3, 6, 2], strict=True)]
+    steps.append(DecodeStep(group.config, 4, seed=9))
+    adapter_index = torch.tensor([0, -1, 0, 0])
+    kwargs = [{}] * len(models) + [{"adapter_index": adapter_index}]
+    modules = [*models, group]
+    runs = zip(modules, steps, kwargs, strict=True)
+    expected = layer_by_layer(monkeypatch, lambda: [step.run(m, **kw) for m, step, kw in runs])
+
+    def one_call():
+        pools = [[pool.clone() for pool in step.pools] for step in steps]
+        with torch.no_grad():
+            calls = [m.decode_call(step.input_ids, step.positions, step.ctx,
+                                   [(pool[:, 0], pool[:, 1]) for pool in model_pools], **kw)
+                     for m, step, model_pools, kw in zip(modules, steps, pools, kwargs, strict=True)]
+            return decode_layers.decode_layers(calls), pools, calls
+
+    hidden, pools, calls = on_threads(threads, one_call)
+    for got, model_pools, want in zip(hidden, pools, expected, strict=True):
+        assert_identical((got, model_pools), want)
+    bad = DecodeStep(models[1].config, 3, seed=3)
+    bad.ctx.slot_mapping += 10**6
+    with torch.no_grad():
+        calls[2] = models[1].decode_call(bad.input_ids, bad.positions, bad.ctx,
+                                         [(pool[:, 0], pool[:, 1]) for pool in bad.pools])
+    with pytest.raises(ValueError, match="slot"):
+        on_threads(threads, decode_layers.decode_layers, calls)
+
+
+def test_engine_decode_steps_run_every_group_in_one_call(tmp_path, monkeypatch):
+    """The runner hands a decode step's groups (a LoRA group and a full model) to one decode_layers call;
+    the outputs and every recorded log-prob equal the engine's with each group's layers run one by one."""
+    base = make_tiny_checkpoint(tmp_path / "base", "llama", seed=11)
+    adapter = save_adapter(base, tmp_path / "adapter", seed=3, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "up_proj"])
+    experts = [base, adapter, make_tiny_checkpoint(tmp_path / "qwen2", "qwen2", seed=12)]
+    prompts = [[1, 5, 9, 23, 44], [1, 7, 8, 9], [1, 100]]
+    weights = [[0.2, 0.5, 0.3], [0.0, 0.6, 0.4], [0.5, 0.5, 0.0]]
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=3, max_tokens=8, ignore_eos=True)
+
+    def generate():
+        return Engine(experts, block_size=4).generate(prompts, weights=weights, sampling=sampling)
+
+    expected = layer_by_layer(monkeypatch, generate)
+    batches = []
+    run = model_runner.decode_layers
+    monkeypatch.setattr(model_runner, "decode_layers", lambda calls: batches.append(len(calls)) or run(calls))
+    outputs = generate()
+    assert batches and all(n == 2 for n in batches)  # every decode step: both groups in one call
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out.token_ids == ref.token_ids
+        for name in ("logprobs", "expert_logprobs", "weights"):
+            assert torch.equal(getattr(out, name), getattr(ref, name))

@@ -80,19 +80,19 @@ def force_triton(monkeypatch) -> dict[str, int]:
 def count_steps(monkeypatch) -> dict[str, int]:
     """Runner steps, decode forwards (one per group with rows) and forwards of the LoRA group."""
     steps = dict.fromkeys(["run", "decode", "lora"], 0)
-    run, forward = ModelRunner.run, ModelRunner._forward
+    run, inputs = ModelRunner.run, ModelRunner._inputs
 
     def counted_run(self, seqs, is_prefill):
         steps["run"] += 1
         return run(self, seqs, is_prefill)
 
-    def counted_forward(self, group, entries, is_prefill):
+    def counted_inputs(self, group, entries, is_prefill):  # once per group forward
         steps["decode"] += not is_prefill
         steps["lora"] += isinstance(group.module, LoRAGroup)
-        return forward(self, group, entries, is_prefill)
+        return inputs(self, group, entries, is_prefill)
 
     monkeypatch.setattr(ModelRunner, "run", counted_run)
-    monkeypatch.setattr(ModelRunner, "_forward", counted_forward)
+    monkeypatch.setattr(ModelRunner, "_inputs", counted_inputs)
     return steps
 
 
