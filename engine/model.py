@@ -179,7 +179,7 @@ class CausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, ctx, None if kv_cache is None else kv_cache[i])
-        return self.model.norm(x, residual)[0]
+        return self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]  # None: no layers
 
     def decode_call(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext,
                     kv_cache: list[tuple[Tensor, Tensor]] | None):
@@ -211,7 +211,7 @@ class CausalLM(nn.Module):
 
     def _decode_call(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext,
                      kv_cache: list[tuple[Tensor, Tensor]] | None):
-        if ctx.is_prefill or kv_cache is None or ctx.slot_mapping is None:
+        if ctx.is_prefill or kv_cache is None or ctx.slot_mapping is None or not self.model.layers:
             return None
         layers = self._decode_layers(x)
         if layers is None:

@@ -440,3 +440,17 @@ def test_fuzz_checkpoint_configs_match_transformers_or_are_refused(drawn, lens, 
                 torch.testing.assert_close(last[s], expected, atol=5e-5, rtol=1e-5)
             generated.append(last.argmax(-1))
             chunks = list(generated[-1][:, None])
+
+
+def test_a_model_without_layers_is_its_embedding_norm_and_head(tmp_path):
+    """num_hidden_layers = 0 (transformers builds it): prefill and decode give transformers' logits."""
+    path = make_tiny_checkpoint(tmp_path / "no-layers", "llama", num_hidden_layers=0)
+    ours, reference = load_model(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = make_prompts()[0]
+    with torch.no_grad():
+        expected = reference(prompt[None]).logits[0]
+        torch.testing.assert_close(prefill_without_cache(ours, [prompt]), expected, atol=2e-5, rtol=1e-5)
+        cache = PagedCache(ours, 1, len(prompt))
+        cache.step(ours, [0], [prompt[:-1]])
+        last = cache.step(ours, [0], [prompt[-1:]])[0]
+        torch.testing.assert_close(last, expected[-1], atol=2e-5, rtol=1e-5)
