@@ -129,8 +129,9 @@ torch::Tensor run_layers(const Kernels& kernels, const Call& call) {
 
 // The hidden state of each call. With at least as many calls as torch's threads, they run a call per thread
 // (the kernels inside on that thread alone: no fork, join or barrier per op, and one model's attention
-// overlaps another's GEMMs; measured 6-10% faster for 4 llama-160m models at 4-32 rows), and what is left
-// over (calls % threads) one after another on all threads.
+// overlaps another's GEMMs; 4 llama-160m models' layers measured 4-9% faster at 4-32 rows, bench/README.md),
+// and what is left over (calls % threads) one after another on all threads. Calls running together must not
+// share K/V blocks (the engine's models never do: each (sequence, model) track has its own).
 std::vector<torch::Tensor> decode_layers(const py::capsule& linear_capsule, const py::capsule& ops_capsule,
                                          const py::capsule& attention_capsule, const std::vector<Call>& calls) {
   const Kernels kernels{api_of<mope::LinearApi>(linear_capsule), api_of<mope::DecoderOpsApi>(ops_capsule),
