@@ -173,7 +173,8 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         """input_ids, positions (N,) int64: the step's tokens, sequences concatenated -> (N, hidden)."""
         x, cos, sin = self._embed(input_ids, positions, kv_cache)
-        call = self._decode_call(x, cos, sin, ctx, kv_cache)
+        one_call = self._may_decode_in_one_call(ctx, kv_cache, x)
+        call = self._decode_call(x, cos, sin, ctx, kv_cache) if one_call else None
         if call is not None:
             return decode_layers([call])[0]
         residual = None
@@ -185,7 +186,16 @@ class CausalLM(nn.Module):
                     kv_cache: list[tuple[Tensor, Tensor]] | None):
         """`forward` as a call for `mope.kernels.decode_layers.decode_layers`, which runs several models'
         calls side by side; None where the one-call path does not apply (see `_decode_layers`)."""
+        if not self._may_decode_in_one_call(ctx, kv_cache, input_ids):  # before any work: CUDA steps ask too
+            return None
         return self._decode_call(*self._embed(input_ids, positions, kv_cache), ctx, kv_cache)
+
+    def _may_decode_in_one_call(self, ctx: AttentionContext, kv_cache: list[tuple[Tensor, Tensor]] | None,
+                                tokens: Tensor) -> bool:
+        """What the one-call path needs that costs nothing to check: a CPU decode step with a cache to write,
+        some layers, autograd off, the C++ built."""
+        return (not ctx.is_prefill and kv_cache is not None and ctx.slot_mapping is not None and tokens.is_cpu
+                and len(self.model.layers) > 0 and not torch.is_grad_enabled() and decode_layers_available())
 
     def _embed(self, input_ids: Tensor, positions: Tensor,
                kv_cache: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,9 +220,8 @@ class CausalLM(nn.Module):
         return x, *rotary_cos_sin(positions, self.inv_freq, x.dtype)
 
     def _decode_call(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext,
-                     kv_cache: list[tuple[Tensor, Tensor]] | None):
-        if ctx.is_prefill or kv_cache is None or ctx.slot_mapping is None or not self.model.layers:
-            return None
+                     kv_cache: list[tuple[Tensor, Tensor]]):
+        """The call of a step that passed `_may_decode_in_one_call`, or None (see `_decode_layers`)."""
         layers = self._decode_layers(x)
         if layers is None:
             return None
@@ -226,7 +235,7 @@ class CausalLM(nn.Module):
         """The layers as `decode_layers` takes them when each of their ops would run its C++ kernel on x's
         rows anyway (CPU, fp32, no autograd, the packed GEMM; no module hooks to run, this one's included):
         one call, same result. None: run them one by one."""
-        if not decode_layers_available() or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.dtype != torch.float32:
             return None
         if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
             return None
