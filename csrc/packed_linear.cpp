@@ -56,6 +56,24 @@ struct Span {
   int64_t k_len;
 };
 
+// x[r] of k-major step xk in all 16 lanes. With UseQuad, rows 0-3 come from `quad` (xk[0..3] in each 128-bit
+// lane: one 16-byte load) by an in-lane shuffle instead of a broadcast load each: at 4-12 rows the loads
+// (two of weights and one per row for each 128 weight bytes) hold the weight stream back more than the
+// shuffles' port does. Measured from memory (bench/README.md, decode-size linear): 4 rows 6% faster, 12
+// rows 3-4%. Not below 4 rows (slower), and not rows 4-7 as well (8 more shuffles: 2-13% slower at 8-12).
+template <bool UseQuad>
+__attribute__((target("avx512f"), always_inline)) inline __m512 row_value(const float* xk, __m512 quad, int r) {
+  if (UseQuad && r < 4) {
+    switch (r) {
+      case 0: return _mm512_permute_ps(quad, 0x00);
+      case 1: return _mm512_permute_ps(quad, 0x55);
+      case 2: return _mm512_permute_ps(quad, 0xAA);
+      default: return _mm512_permute_ps(quad, 0xFF);
+    }
+  }
+  return _mm512_set1_ps(xk[r]);
+}
+
 // acc (rows x 32) = x[rows, :] @ panel + the spans; stores (Accumulate: adds) `cols` (<= 32) outputs per
 // row, plus the bias if any. x is row-major (row r at x + r * ldx) or (KMajor) k-major, kMaxRows values
 // per k (`pack_rows`). Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines
@@ -64,6 +82,7 @@ template <int Rows, bool Accumulate, bool Shared, bool KMajor>
 __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
                                                      const Span* spans, int64_t num_spans, const float* bias, float* y,
                                                      int64_t ldy, int64_t cols, const char* ahead, int64_t ahead_step) {
+  constexpr bool kQuad = KMajor && Rows >= 4;
   __m512 acc[Rows][2];
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
@@ -78,9 +97,11 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
       _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2 + 16), _MM_HINT_T1);
     }
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+    const float* xk = x + k * kMaxRows;
+    const __m512 quad = kQuad ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_setzero_ps();
 #pragma GCC unroll 12
     for (int r = 0; r < Rows; ++r) {
-      const __m512 xr = _mm512_set1_ps(KMajor ? x[k * kMaxRows + r] : x[r * ldx + k]);
+      const __m512 xr = KMajor ? row_value<kQuad>(xk, quad, r) : _mm512_set1_ps(x[r * ldx + k]);
       acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
     }
@@ -91,9 +112,11 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
       _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1 + 16), _MM_HINT_T0);
       const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+      const float* xk = span->x + k * kMaxRows;
+      const __m512 quad = Rows >= 4 ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_setzero_ps();
 #pragma GCC unroll 12
       for (int r = 0; r < Rows; ++r) {
-        const __m512 xr = _mm512_set1_ps(span->x[k * kMaxRows + r]);
+        const __m512 xr = row_value<(Rows >= 4)>(xk, quad, r);
         acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
       }
