@@ -59,8 +59,9 @@ struct Span {
 // x[r] of k-major step xk in all 16 lanes. With UseQuad, rows 0-3 come from `quad` (xk[0..3] in each 128-bit
 // lane: one 16-byte load) by an in-lane shuffle instead of a broadcast load each: at 4-12 rows the loads
 // (two of weights and one per row for each 128 weight bytes) hold the weight stream back more than the
-// shuffles' port does. Measured from memory (bench/README.md, decode-size linear): 4 rows 6% faster, 12
-// rows 3-4%. Not below 4 rows (slower), and not rows 4-7 as well (8 more shuffles: 2-13% slower at 8-12).
+// shuffles' port (which also issues half the FMAs) does. Measured from memory (bench/README.md, decode-size
+// linear): 4 rows 4-6% faster, 12 rows 2-4%. Not below 4 rows (slower), nor for rows 4-11 too (8 or 12
+// shuffles: 10-15% slower at 12 rows).
 template <bool UseQuad>
 __attribute__((target("avx512f"), always_inline)) inline __m512 row_value(const float* xk, __m512 quad, int r) {
   if (UseQuad && r < 4) {
@@ -97,7 +98,7 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
       _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL2 + 16), _MM_HINT_T1);
     }
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-    const float* xk = x + k * kMaxRows;
+    const float* xk = KMajor ? x + k * kMaxRows : nullptr;
     const __m512 quad = kQuad ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_setzero_ps();
 #pragma GCC unroll 12
     for (int r = 0; r < Rows; ++r) {
