@@ -23,11 +23,11 @@ namespace {
 namespace py = pybind11;
 
 // One projection: pack_weight's panels (plain linear), or the folded [W; A] panels with the expand of
-// pack_lora_expand and each row's adapter (LoRA), as packed_linear.py checked them.
+// pack_lora_expand (LoRA: each row's adapter is the call's adapter_index), as packed_linear.py checked them.
 struct Projection {
   torch::Tensor panels;
   int64_t out_features;
-  std::optional<torch::Tensor> bias, expand, k_ranges, adapter_index;
+  std::optional<torch::Tensor> bias, expand, k_ranges;
   int64_t width;
 };
 
@@ -53,7 +53,8 @@ void check_same_layout(const torch::Tensor& cache, const torch::Tensor& first, s
 }
 
 // One model's decode step: x (N, hidden) embedded tokens, one per sequence; cos, sin (N, D/2); kv_caches per
-// layer, layer 0's checked by kernels/decode_layers.py and every other layer's against it (check_call).
+// layer, layer 0's checked by kernels/decode_layers.py and every other layer's against it (check_call);
+// adapter_index (N,) int64: each row's adapter in the LoRA projections (checked by their kernel).
 struct Call {
   torch::Tensor x, cos, sin;
   std::vector<Layer> layers;
@@ -63,6 +64,7 @@ struct Call {
   torch::Tensor slot_mapping, block_tables, context_lens;
   int64_t num_heads, num_kv_heads, head_dim;
   double scale;
+  std::optional<torch::Tensor> adapter_index = std::nullopt;
 };
 
 void check_call(const Call& call) {
@@ -75,9 +77,14 @@ void check_call(const Call& call) {
     check_same_layout(caches[i].second, caches[0].second, i, "v_cache");
   }
   const int64_t q_size = call.num_heads * call.head_dim, kv_size = call.num_kv_heads * call.head_dim;
-  for (size_t i = 0; i < call.layers.size(); ++i)
-    TORCH_CHECK_VALUE(call.layers[i].qkv.out_features == q_size + 2 * kv_size, "layer ", i, "'s qkv projection must ",
-                      "have ", q_size, " + 2 x ", kv_size, " outputs (q | k | v), got ", call.layers[i].qkv.out_features);
+  for (size_t i = 0; i < call.layers.size(); ++i) {
+    const Layer& layer = call.layers[i];
+    TORCH_CHECK_VALUE(layer.qkv.out_features == q_size + 2 * kv_size, "layer ", i, "'s qkv projection must ",
+                      "have ", q_size, " + 2 x ", kv_size, " outputs (q | k | v), got ", layer.qkv.out_features);
+    for (const Projection* p : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down})
+      TORCH_CHECK_VALUE(!p->expand || call.adapter_index, "layer ", i, " has a LoRA projection: the call needs ",
+                        "adapter_index");
+  }
 }
 
 struct Kernels {
@@ -94,7 +101,7 @@ torch::Tensor run_layers(const Kernels& kernels, const Call& call) {
   const double eps = call.eps;
   auto linear = [&](const torch::Tensor& in, const Projection& p) {
     if (!p.expand) return linear_api.linear(in, p.panels, p.out_features, p.bias);
-    return linear_api.lora_linear(in, p.panels, p.out_features, p.bias, *p.adapter_index, *p.expand, *p.k_ranges,
+    return linear_api.lora_linear(in, p.panels, p.out_features, p.bias, *call.adapter_index, *p.expand, *p.k_ranges,
                                   p.width);
   };
   auto head_norm = [&](const torch::Tensor& t, const torch::Tensor& weight) {  // over (N, H, D) as rows of D
@@ -161,9 +168,9 @@ std::vector<torch::Tensor> decode_layers(const py::capsule& linear_capsule, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Projection>(m, "Projection")
       .def(py::init<torch::Tensor, int64_t, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
-                    std::optional<torch::Tensor>, std::optional<torch::Tensor>, int64_t>(),
+                    std::optional<torch::Tensor>, int64_t>(),
            py::arg("panels"), py::arg("out_features"), py::arg("bias"), py::arg("expand") = py::none(),
-           py::arg("k_ranges") = py::none(), py::arg("adapter_index") = py::none(), py::arg("width") = 0);
+           py::arg("k_ranges") = py::none(), py::arg("width") = 0);
   py::class_<Layer>(m, "Layer")
       .def(py::init<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
                     Projection, Projection, Projection, Projection>(),
@@ -172,6 +179,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Call>(m, "Call")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, std::vector<Layer>, torch::Tensor, double,
                     std::vector<std::pair<torch::Tensor, torch::Tensor>>, torch::Tensor, torch::Tensor, torch::Tensor,
-                    int64_t, int64_t, int64_t, double>());
+                    int64_t, int64_t, int64_t, double>())
+      .def_readwrite("adapter_index", &Call::adapter_index);
   m.def("decode_layers", &decode_layers, "each call's decoder layers and final norm -> its hidden state (N, hidden)");
 }

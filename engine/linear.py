@@ -79,4 +79,17 @@ class Linear(nn.Linear):
         """This layer for `decode_layers` when `fast_linear` would run our packed kernel on x, else None."""
         if not (packed_linear.available() and takes_packed_path(x, self.weight)):
             return None
-        return decode_layers.projection(packed_weight(self.weight), self.bias)
+        return kept_projection(self, self.weight, self.bias)
+
+
+def kept_projection(module: nn.Module, weight: Tensor, bias: Tensor | None,
+                    expand: packed_linear.PackedExpand | None = None):
+    """`decode_layers.projection` of `weight` packed, `bias` and `expand`, kept on `module` while they are the
+    same objects (a new weight version is a new packed copy; the projection reads the bias in place): a
+    decode step asks each projection for it, right after GEMMs evicted Python's objects (bench/README.md)."""
+    packed = packed_weight(weight)
+    kept = module.__dict__.get("_kept_projection")
+    if kept is None or kept[0] is not packed or kept[1] is not bias or kept[2] is not expand:
+        kept = module.__dict__["_kept_projection"] = (packed, bias, expand,
+                                                      decode_layers.projection(packed, bias, expand))
+    return kept[3]

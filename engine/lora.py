@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mope.kernels import decode_layers, packed_linear
+from mope.kernels import packed_linear
 from mope.kernels.lora import BACKENDS, LoRARows, add_lora
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .context import AttentionContext
-from .linear import packed_weight, rows_take_packed_path
+from .linear import kept_projection, packed_weight, rows_take_packed_path
 from .model import PACKED_MODULES, CausalLM
 
 CONFIG_FILE = "adapter_config.json"
@@ -275,9 +275,7 @@ class LoRALinear(nn.Module):
             return self.base_layer.decode_projection(x)
         if not step.packed:
             return None
-        bias, expand = self._packed_expand()
-        return decode_layers.projection(packed_weight(self.folded_weight), bias, expand,
-                                        step.rows.adapter_index)
+        return kept_projection(self, self.folded_weight, *self._packed_expand())
 
     def _packed_expand(self) -> tuple[Tensor | None, packed_linear.PackedExpand]:
         if self._packed is None:  # the expand: [B_0 .. B_{L-1}] side by side, (out, L * width)
@@ -339,6 +337,7 @@ class LoRAGroup(nn.Module):
         self.base = base
         self.adapters = [load_adapter(p, base_path) for p in adapters]
         self.step, self.backend = StepRows(), backend
+        base.lora_step = self.step
         self.stacks = stack_all(base, self.adapters)
         for (i, fused), stacked in self.stacks.items():
             linear = LoRALinear(projection(base, i, fused), stacked, self.step, backend)
@@ -401,6 +400,7 @@ class LoRAGroup(nn.Module):
 
     def remove(self) -> None:
         """Detach the adapters: the base model computes the plain base again."""
+        self.base.lora_step = None
         for layer, fused in self.stacks:
             module = projection(self.base, layer, fused)
             if isinstance(module, LoRALinear):

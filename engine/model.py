@@ -164,6 +164,9 @@ class CausalLM(nn.Module):
         model.inv_freq = config.rope_inv_freq().to(device)
         return model
 
+    # a LoRAGroup's StepRows while one is over this model: its step's adapter_index goes into the one call
+    lora_step = None
+
     def forward(
         self,
         input_ids: Tensor,
@@ -225,11 +228,13 @@ class CausalLM(nn.Module):
         layers = self._decode_layers(x)
         if layers is None:
             return None
-        attn = self.model.layers[0].self_attn
+        attn, step = self.model.layers[0].self_attn, self.lora_step
+        rows = None if step is None else step.rows
         return decode_call(x, cos.flatten(1), sin.flatten(1), layers, self.model.norm.weight,
                            self.config.rms_norm_eps, kv_cache, ctx.slot_mapping, ctx.block_tables,
                            ctx.context_lens, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-                           head_dim=attn.head_dim, scale=attn.scale)
+                           head_dim=attn.head_dim, scale=attn.scale,
+                           adapter_index=None if rows is None else rows.adapter_index)
 
     def _decode_layers(self, x: Tensor) -> list | None:
         """The layers as `decode_layers` takes them when each of their ops would run its C++ kernel on x's

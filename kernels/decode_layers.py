@@ -30,19 +30,14 @@ def available() -> bool:
 
 
 def projection(packed: packed_linear.PackedWeight, bias: Tensor | None,
-               expand: packed_linear.PackedExpand | None = None, adapter_index: Tensor | None = None):
-    """A linear layer as `decode_layers` takes it: `packed_linear(x, packed, bias)`, or with `expand` and
-    `adapter_index` `packed_lora_linear(x, packed, bias, adapter_index, expand)` (packed: the folded
-    [W; A])."""
+               expand: packed_linear.PackedExpand | None = None):
+    """A linear layer as `decode_layers` takes it: `packed_linear(x, packed, bias)`, or with `expand`
+    `packed_lora_linear(x, packed, bias, adapter_index, expand)` (packed: the folded [W; A]; adapter_index:
+    the call's). It holds no step's data: a model may keep it while its weights stay."""
     module = _module()
     if expand is None:
         return module.Projection(packed_linear._checked_packed(packed).panels, packed.out_features, bias)
-    if adapter_index is None:
-        raise ValueError("a LoRA projection (expand given) needs adapter_index")
-    panels, out_features, bias, adapter_index, expand_panels, k_ranges, width = packed_linear.lora_args(
-        len(adapter_index), packed, bias, adapter_index, expand)
-    return module.Projection(panels, out_features, bias, expand=expand_panels, k_ranges=k_ranges,
-                             adapter_index=adapter_index, width=width)
+    return module.Projection(*packed_linear.lora_weight_args(packed, bias, expand))
 
 
 def layer(input_norm: Tensor, post_norm: Tensor, qkv, o, gate_up, down, q_norm: Tensor | None = None,
@@ -56,10 +51,12 @@ def layer(input_norm: Tensor, post_norm: Tensor, qkv, o, gate_up, down, q_norm: 
 
 def decode_call(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm: Tensor, eps: float,
                 kv_caches: list[tuple[Tensor, Tensor]], slot_mapping: Tensor, block_tables: Tensor,
-                context_lens: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+                context_lens: Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                adapter_index: Tensor | None = None):
     """One model's decode step for `decode_layers`: x (N, hidden) fp32, one new token per sequence; cos, sin
     (N, D/2) of its position; layer i stores its K/V at `slot_mapping` in kv_caches[i] and attends through
-    `block_tables` over `context_lens` tokens (as `paged_decode_attention`)."""
+    `block_tables` over `context_lens` tokens (as `paged_decode_attention`); adapter_index (N,) integer in
+    [-1, L): each row's adapter in the LoRA projections (needed when there are any)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] > packed_linear.MAX_ROWS:
         raise ValueError(f"x must be (N, hidden) with N <= {packed_linear.MAX_ROWS}, got {describe(x)}")
     if len(kv_caches) != len(layers) or not layers:
@@ -68,8 +65,11 @@ def decode_call(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm: T
     check_paged_attention_args(q_like, *kv_caches[0], block_tables, context_lens, scale)
     if kv_caches[0][0].shape[2] != num_kv_heads:
         raise ValueError(f"num_kv_heads is {num_kv_heads}, the caches hold {kv_caches[0][0].shape[2]}")
-    return _module().Call(x, cos, sin, layers, final_norm, eps, kv_caches, slot_mapping, block_tables,
+    call = _module().Call(x, cos, sin, layers, final_norm, eps, kv_caches, slot_mapping, block_tables,
                           context_lens, num_heads, num_kv_heads, head_dim, scale)
+    if adapter_index is not None:
+        call.adapter_index = packed_linear.lora_index(len(x), adapter_index)
+    return call
 
 
 def decode_layers(calls: list) -> list[Tensor | None]:

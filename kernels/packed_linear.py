@@ -94,14 +94,15 @@ def packed_lora_linear(x: Tensor, folded: PackedWeight, bias: Tensor | None, ada
     """
     _require_available()
     x = _checked_rows(x)
-    return load_cpp("packed_linear").packed_lora_linear(x, *lora_args(x.shape[0], folded, bias, adapter_index,
-                                                                     expand))
+    panels, out_features, bias, expand_panels, k_ranges, width = lora_weight_args(folded, bias, expand)
+    return load_cpp("packed_linear").packed_lora_linear(x, panels, out_features, bias,
+                                                        lora_index(x.shape[0], adapter_index), expand_panels,
+                                                        k_ranges, width)
 
 
-def lora_args(rows: int, folded: PackedWeight, bias: Tensor | None, adapter_index: Tensor,
-              expand: PackedExpand) -> tuple:
-    """`packed_lora_linear`'s arguments, checked, as the C++ takes them after x: (panels, out_features, bias,
-    adapter_index int64, expand panels, k_ranges, width)."""
+def lora_weight_args(folded: PackedWeight, bias: Tensor | None, expand: PackedExpand) -> tuple:
+    """`packed_lora_linear`'s weights, checked, as the C++ takes them: (panels, out_features, bias, expand
+    panels, k_ranges, width)."""
     panels, folded_rows = _checked_packed(folded, "folded")
     if not isinstance(expand, PackedExpand):
         raise ValueError(f"expand must come from pack_lora_expand, got {type(expand).__name__}")
@@ -111,12 +112,16 @@ def lora_args(rows: int, folded: PackedWeight, bias: Tensor | None, adapter_inde
         raise ValueError(f"folded has {out_features} + {num_adapters} · {expand.width} rows (W's outputs + "
                          f"the adapters' A), expand has {expand.out_features} outputs: pack one layer's "
                          "[W; A_0; ..]")
+    return panels, out_features, bias, expand.panels, expand.k_ranges, expand.width
+
+
+def lora_index(rows: int, adapter_index: Tensor) -> Tensor:
+    """`adapter_index` (rows,) checked, as the C++ takes it: int64, contiguous (the C++ checks its values)."""
     if not isinstance(adapter_index, Tensor) or adapter_index.shape != (rows,):
         raise ValueError(f"adapter_index must be ({rows},), got {describe(adapter_index)}")
     if not is_integer(adapter_index.dtype):  # .to(int64) would truncate it
         raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
-    return (panels, out_features, bias, adapter_index.to(torch.int64).contiguous(), expand.panels,
-            expand.k_ranges, expand.width)
+    return adapter_index.to(torch.int64).contiguous()
 
 
 def _checked_packed(packed: PackedWeight, name: str = "packed") -> PackedWeight:

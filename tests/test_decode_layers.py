@@ -118,6 +118,34 @@ def test_lora_group_decode_equals_the_layers_one_by_one(tmp_path, monkeypatch, c
     assert calls == [1, 1] and not torch.equal(plain[0], got[0])
 
 
+def test_kept_projections_follow_the_weights_and_the_step(tmp_path, monkeypatch, calls):
+    """Models keep their projections for decode_layers between steps: a weight changed in place, a bias
+    replaced and the next step's adapter_index are each seen (every step equals the layers one by one)."""
+    base = make_tiny_checkpoint(tmp_path / "base", "llama", seed=11, attention_bias=True)
+    model = load_model(base)
+    group = LoRAGroup(load_model(base), [save_adapter(base, tmp_path / "a", seed=4, r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "up_proj"])], base_path=base)
+    step = DecodeStep(model.config, 4, seed=2)
+
+    def check(module, **kwargs):
+        expected = layer_by_layer(monkeypatch, lambda: step.run(module, **kwargs))
+        assert_identical(step.run(module, **kwargs), expected)
+
+    check(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2)
+    check(model)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    qkv.bias = torch.nn.Parameter(qkv.bias.detach() + 1)
+    check(model)
+    check(group, adapter_index=torch.tensor([0, -1, 0, 0]))
+    check(group, adapter_index=torch.tensor([-1, 0, -1, 0]))
+    with torch.no_grad():
+        group.base.model.layers[0].mlp.gate_up_proj.base_layer.weight.add_(1)  # a view into [W; A]
+    check(group, adapter_index=torch.tensor([0, 0, -1, 0]))
+    assert calls == [1] * 6
+
+
 def test_layers_run_one_by_one_where_the_call_does_not_apply(tmp_path, calls):
     """Module hooks run, autograd records, and steps past the packed GEMM's rows are not one call."""
     model = load_model(make_tiny_checkpoint(tmp_path / "m", "llama", seed=5))
@@ -173,9 +201,21 @@ def test_decode_layers_refuses_bad_inputs(tmp_path):
         call(slots=ctx.slot_mapping + 10**6)
     with pytest.raises(ValueError, match="q_norm and k_norm go together"):
         decode_layers.layer(x[0], x[0], *[None] * 4, q_norm=x[0])
-    with pytest.raises(ValueError, match="expand given.*needs adapter_index"):
-        decode_layers.projection(packed_linear.pack_weight(torch.ones(4, 3)), None,
-                                 packed_linear.pack_lora_expand(torch.ones(4, 2), 1))
+    first, hidden = model.model.layers[0], config.hidden_size
+    plain = first.self_attn.qkv_proj, first.mlp.gate_up_proj, first.mlp.down_proj
+    with torch.no_grad():
+        qkv, gate_up, down = (p.decode_projection(x) for p in plain)
+    lora_o = decode_layers.projection(packed_linear.pack_weight(torch.randn(hidden + 2, hidden)), None,
+                                      packed_linear.pack_lora_expand(torch.randn(hidden, 2), 1))
+    norms = first.input_layernorm.weight, first.post_attention_layernorm.weight
+    lora_layers = [decode_layers.layer(*norms, qkv, lora_o, gate_up, down), *layers[1:]]
+    with pytest.raises(ValueError, match="layer 0 has a LoRA projection: the call needs adapter_index"):
+        call(layers=lora_layers)
+    with pytest.raises(ValueError, match=r"adapter_index must be \(2,\)"):
+        call(layers=lora_layers, adapter_index=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="adapter out of range"):  # found by the LoRA kernel inside the call
+        call(layers=lora_layers, adapter_index=torch.tensor([0, 1]))
+    call(layers=lora_layers, adapter_index=torch.tensor([0, -1]))
     good = decode_layers.decode_call(x, cos, cos, layers, model.model.norm.weight, 1e-6, kv_cache,
                                      ctx.slot_mapping, ctx.block_tables, ctx.context_lens, **heads)
     apis = [load_cpp(name).api for name in ("decoder_ops", "decoder_ops", "paged_attention")]
