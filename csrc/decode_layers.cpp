@@ -12,8 +12,10 @@
 
 #include "kernel_api.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
+#include <numeric>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -134,32 +136,73 @@ torch::Tensor run_layers(const Kernels& kernels, const Call& call) {
   return ops.rms_norm(hidden, call.final_norm, eps, residual)[0];
 }
 
-// The hidden state of each call. With at least as many calls as torch's threads, they run a call per thread
-// (the kernels inside on that thread alone: no fork, join or barrier per op, and one model's attention
-// overlaps another's GEMMs; 4 llama-160m models' layers measured 4-9% faster at 4-32 rows, bench/README.md),
-// and what is left over (calls % threads) one after another on all threads. Calls running together must not
+// The bytes a call reads: its weights and its cached keys and values (its time, near enough: the steps are
+// bound by reading them).
+double call_bytes(const Call& call) {
+  double bytes = 0;
+  for (const Layer& layer : call.layers)
+    for (const Projection* p : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down})
+      bytes += p->panels.nbytes() + (p->expand ? p->expand->nbytes() : 0);
+  const torch::Tensor lens = call.context_lens.contiguous();
+  const int32_t* len = lens.data_ptr<int32_t>();
+  const double token_bytes = 2.0 * call.num_kv_heads * call.head_dim * call.kv_caches[0].first.element_size();
+  for (int64_t i = 0; i < lens.numel(); ++i) bytes += len[i] * token_bytes * call.layers.size();
+  return bytes;
+}
+
+// The order of the calls (indices into `bytes`) in rounds: a round of `threads` calls runs side by side, a
+// call per thread (the kernels inside on that thread alone: no fork, join or barrier per op, and one model's
+// attention overlaps another's GEMMs; 4 llama-160m models' layers measured 4-9% faster at 4-32 rows,
+// bench/README.md), a round of one call on all threads. Largest first; side by side only while a round's
+// smallest call is within kBalance of its largest: the thread of a smaller call waits for the larger one,
+// and alone on all threads each would take about half its one-thread time (a LoRA group's 12 rows beside a
+// 4-row model of the same shape measured 5% slower side by side than one after another).
+std::vector<std::vector<int64_t>> plan_rounds(const std::vector<double>& bytes, int64_t threads) {
+  constexpr double kBalance = 0.85;
+  std::vector<int64_t> order(bytes.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return bytes[a] > bytes[b]; });
+  std::vector<std::vector<int64_t>> rounds;
+  for (size_t next = 0; next < order.size();) {
+    const size_t left = order.size() - next;
+    const bool together = threads > 1 && left >= size_t(threads) &&
+                          bytes[order[next + threads - 1]] >= kBalance * bytes[order[next]];
+    const size_t size = together ? threads : 1;
+    rounds.emplace_back(order.begin() + next, order.begin() + next + size);
+    next += size;
+  }
+  return rounds;
+}
+
+// The hidden state of each call, the calls run in the rounds of plan_rounds. Calls running together must not
 // share K/V blocks (the engine's models never do: each (sequence, model) track has its own).
 std::vector<torch::Tensor> decode_layers(const py::capsule& linear_capsule, const py::capsule& ops_capsule,
                                          const py::capsule& attention_capsule, const std::vector<Call>& calls) {
   const Kernels kernels{api_of<mope::LinearApi>(linear_capsule), api_of<mope::DecoderOpsApi>(ops_capsule),
                         api_of<mope::AttentionApi>(attention_capsule)};
   for (const Call& call : calls) check_call(call);
-  const int64_t n = calls.size(), threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t together = threads > 1 ? n - n % threads : 0;
-  std::vector<torch::Tensor> hidden(n);
-  std::vector<std::exception_ptr> errors(n);
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  std::vector<double> bytes;
+  for (const Call& call : calls) bytes.push_back(call_bytes(call));
+  std::vector<torch::Tensor> hidden(calls.size());
   py::gil_scoped_release no_gil;  // nothing below touches a Python object
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (together > 0)
-  for (int64_t i = 0; i < together; ++i) {
-    try {
-      hidden[i] = run_layers(kernels, calls[i]);
-    } catch (...) {  // nothing may leave an OpenMP region
-      errors[i] = std::current_exception();
+  for (const auto& round : plan_rounds(bytes, threads)) {
+    if (round.size() == 1) {
+      hidden[round[0]] = run_layers(kernels, calls[round[0]]);
+      continue;
     }
+    std::vector<std::exception_ptr> errors(round.size());
+#pragma omp parallel for num_threads(threads)
+    for (size_t i = 0; i < round.size(); ++i) {
+      try {
+        hidden[round[i]] = run_layers(kernels, calls[round[i]]);
+      } catch (...) {  // nothing may leave an OpenMP region
+        errors[i] = std::current_exception();
+      }
+    }
+    for (const auto& error : errors)
+      if (error) std::rethrow_exception(error);
   }
-  for (const auto& error : errors)
-    if (error) std::rethrow_exception(error);
-  for (int64_t i = together; i < n; ++i) hidden[i] = run_layers(kernels, calls[i]);
   return hidden;
 }
 
@@ -182,4 +225,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, int64_t, int64_t, double>())
       .def_readwrite("adapter_index", &Call::adapter_index);
   m.def("decode_layers", &decode_layers, "each call's decoder layers and final norm -> its hidden state (N, hidden)");
+  m.def("plan_rounds", &plan_rounds, "the calls' order in rounds (side by side, or one on all threads) from their bytes",
+        py::arg("bytes"), py::arg("threads"));
 }

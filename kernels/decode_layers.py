@@ -74,8 +74,9 @@ def decode_call(x: Tensor, cos: Tensor, sin: Tensor, layers: list, final_norm: T
 
 def decode_layers(calls: list) -> list[Tensor | None]:
     """norm(layers(x)) of each `decode_call` -> its hidden state (N, hidden); None for a None call (a model
-    that runs its layers one by one). With at least as many calls as torch's threads, one call per thread
-    at a time (the rest, calls % threads, on all threads): calls must not share K/V blocks."""
+    that runs its layers one by one). Largest first (by the bytes each reads), as many calls of about the
+    same size as torch has threads run side by side, one per thread; any other call runs alone on all
+    threads: calls must not share K/V blocks."""
     given = [call for call in calls if call is not None]
     if not given:
         return [None] * len(calls)

@@ -225,9 +225,8 @@ def test_decode_layers_refuses_bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_several_models_in_one_call_equal_each_alone(tmp_path, monkeypatch, threads):
-    """Five models' calls (a LoRA group among them) in one decode_layers: side by side on the threads, the
-    rest (5 % threads) one after another; each equals its model run layer by layer. An error inside a
-    call running beside another (a slot outside the cache, found by store_kv) is raised after the others."""
+    """Five models' calls of different sizes (a LoRA group among them) in one decode_layers, in the rounds
+    plan_rounds makes of them: each equals its model run layer by layer."""
     base = make_tiny_checkpoint(tmp_path / "base", "llama", seed=7)
     group = LoRAGroup(load_model(base), [save_adapter(base, tmp_path / "a", seed=2, r=4, lora_alpha=8,
                                                       target_modules=["o_proj", "up_proj"])], base_path=base)
@@ -249,16 +248,48 @@ def test_several_models_in_one_call_equal_each_alone(tmp_path, monkeypatch, thre
                      for m, step, model_pools, kw in zip(modules, steps, pools, kwargs, strict=True)]
             return decode_layers.decode_layers(calls), pools, calls
 
-    hidden, pools, calls = on_threads(threads, one_call)
+    hidden, pools, _ = on_threads(threads, one_call)
     for got, model_pools, want in zip(hidden, pools, expected, strict=True):
         assert_identical((got, model_pools), want)
-    bad = DecodeStep(models[1].config, 3, seed=3)
-    bad.ctx.slot_mapping += 10**6
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_models_of_one_size_side_by_side_equal_each_alone(tmp_path, monkeypatch, threads):
+    """Three models of one shape over as many rows and cached tokens run side by side (a round of `threads`,
+    the rest alone); each equals its model run layer by layer. An error inside a call running beside
+    another (a slot outside the cache, found by store_kv) is raised after the round."""
+    models = [load_model(make_tiny_checkpoint(tmp_path / f"m{i}", "llama", seed=i)) for i in range(3)]
+    steps = [DecodeStep(model.config, 4, seed=5) for model in models]
+    runs = list(zip(models, steps, strict=True))
+    expected = layer_by_layer(monkeypatch, lambda: [step.run(m) for m, step in runs])
+
+    def calls_of(steps, pools):
+        return [m.decode_call(step.input_ids, step.positions, step.ctx, [(kv[:, 0], kv[:, 1]) for kv in p])
+                for m, step, p in zip(models, steps, pools, strict=True)]
+
+    pools = [[pool.clone() for pool in step.pools] for step in steps]
     with torch.no_grad():
-        calls[2] = models[1].decode_call(bad.input_ids, bad.positions, bad.ctx,
-                                         [(pool[:, 0], pool[:, 1]) for pool in bad.pools])
-    with pytest.raises(ValueError, match="slot"):
-        on_threads(threads, decode_layers.decode_layers, calls)
+        calls = calls_of(steps, pools)
+        hidden = on_threads(threads, decode_layers.decode_layers, calls)
+    for got, model_pools, want in zip(hidden, pools, expected, strict=True):
+        assert_identical((got, model_pools), want)
+    steps[1].ctx.slot_mapping += 10**6
+    with torch.no_grad(), pytest.raises(ValueError, match="slot"):
+        on_threads(threads, decode_layers.decode_layers, calls_of(steps, pools))
+
+
+def test_plan_rounds_runs_calls_of_one_size_side_by_side():
+    """Largest first; a round of `threads` calls side by side while its smallest is within 85% of its
+    largest, else the largest alone (on all threads)."""
+    plan = load_cpp("decode_layers").plan_rounds
+    assert plan([10, 10, 10, 1], 2) == [[0, 1], [2], [3]]  # three experts and a small PCM
+    assert plan([12, 4], 2) == [[0], [1]]  # a LoRA group's step and a smaller model
+    assert plan([9, 10, 9, 10], 2) == [[1, 3], [0, 2]]
+    assert plan([10, 8.6, 8.4], 2) == [[0, 1], [2]]
+    assert plan([10, 8.4, 8.4], 2) == [[0], [1, 2]]
+    assert plan([5, 5, 5, 5], 3) == [[0, 1, 2], [3]]
+    assert plan([3, 5, 4], 1) == [[1], [2], [0]]
+    assert plan([], 2) == []
 
 
 def test_engine_decode_steps_run_every_group_in_one_call(tmp_path, monkeypatch):
