@@ -26,6 +26,9 @@ MKL_PACK_ROWS = 32  # the row count MKL is told when packing; the packed weight 
 # ~4 us a call in a decode step, whose GEMMs had just evicted Python's objects (bench/README.md).
 _packed: dict[int, tuple[weakref.ref, int, packed_linear.PackedWeight | Tensor]] = {}
 _HAS_MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+# id(module) -> (a weak reference to it, the (packed, bias, expand) its projection was made of, the
+# projection for decode_layers): `kept_projection`
+_projections: dict[int, tuple[weakref.ref, tuple, object]] = {}
 
 
 def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -84,12 +87,14 @@ class Linear(nn.Linear):
 
 def kept_projection(module: nn.Module, weight: Tensor, bias: Tensor | None,
                     expand: packed_linear.PackedExpand | None = None):
-    """`decode_layers.projection` of `weight` packed, `bias` and `expand`, kept on `module` while they are the
-    same objects (a new weight version is a new packed copy; the projection reads the bias in place): a
-    decode step asks each projection for it, right after GEMMs evicted Python's objects (bench/README.md)."""
+    """`decode_layers.projection` of `weight` packed, `bias` and `expand`, kept for `module` while they are
+    the same objects (a new weight version is a new packed copy; the projection reads the bias in place): a
+    decode step asks each projection for it, right after GEMMs evicted Python's objects (bench/README.md).
+    Kept beside the module, not on it: a module stays copyable and picklable."""
     packed = packed_weight(weight)
-    kept = module.__dict__.get("_kept_projection")
-    if kept is None or kept[0] is not packed or kept[1] is not bias or kept[2] is not expand:
-        kept = module.__dict__["_kept_projection"] = (packed, bias, expand,
-                                                      decode_layers.projection(packed, bias, expand))
-    return kept[3]
+    key, made_of = id(module), (packed, bias, expand)
+    entry = _projections.get(key)
+    if entry is None or entry[0]() is not module or any(a is not b for a, b in zip(entry[1], made_of, strict=True)):
+        ref = weakref.ref(module, lambda _, cache=_projections: cache.pop(key, None))
+        entry = _projections[key] = (ref, made_of, decode_layers.projection(packed, bias, expand))
+    return entry[2]

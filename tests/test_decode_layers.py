@@ -3,6 +3,7 @@ against the same layers run one by one in Python, which call the same kernels: o
 be bit-identical, for every architecture variant and for LoRA groups. The layers themselves are tested
 against transformers (tests/test_models.py and tests/test_engine.py, whose decode steps take this path)."""
 
+import copy
 import functools
 
 import pytest
@@ -143,7 +144,9 @@ def test_kept_projections_follow_the_weights_and_the_step(tmp_path, monkeypatch,
     with torch.no_grad():
         group.base.model.layers[0].mlp.gate_up_proj.base_layer.weight.add_(1)  # a view into [W; A]
     check(group, adapter_index=torch.tensor([0, 0, -1, 0]))
-    assert calls == [1] * 6
+    copied = copy.deepcopy(model)  # what the models keep for decode_layers does not travel with them
+    check(copied)
+    assert calls == [1] * 7
 
 
 def test_layers_run_one_by_one_where_the_call_does_not_apply(tmp_path, calls):
