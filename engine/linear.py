@@ -94,7 +94,8 @@ def kept_projection(module: nn.Module, weight: Tensor, bias: Tensor | None,
     packed = packed_weight(weight)
     key, made_of = id(module), (packed, bias, expand)
     entry = _projections.get(key)
-    if entry is None or entry[0]() is not module or any(a is not b for a, b in zip(entry[1], made_of, strict=True)):
+    stale = entry is None or entry[0]() is not module
+    if stale or any(a is not b for a, b in zip(entry[1], made_of, strict=True)):
         ref = weakref.ref(module, lambda _, cache=_projections: cache.pop(key, None))
         entry = _projections[key] = (ref, made_of, decode_layers.projection(packed, bias, expand))
     return entry[2]
