@@ -45,7 +45,7 @@ class LoRARows:
             raise ValueError(f"adapter_index must be a (N,) tensor, got {describe(adapter_index)}")
         if not is_integer(adapter_index.dtype):
             raise ValueError(f"adapter_index must have an integer dtype, got {adapter_index.dtype}")
-        index = adapter_index.to(torch.int64).contiguous()
+        index = adapter_index.to(torch.int64)
         if not index.is_cuda and len(index):
             low, high = int(index.min()), int(index.max())
             if low < -1 or high >= num_adapters:
