@@ -10,6 +10,11 @@
 // share of the stream ahead, so the weights keep streaming while the later chunks compute. Up to 12 rows,
 // the outputs go out by non-temporal stores. LoRA adapters ride along: their A factors as extra panels,
 // their expands added inside the micro-kernel.
+//
+// CPUs without AVX-512 (AMD Zen 2/3, older Intel) take an AVX2 + FMA form over the same panels: with 16
+// vector registers a micro-kernel holds 6 rows x 16 outputs (half a panel), so every row count walks each
+// panel in L1-sized slices of kSlice k, the slice's 6-row chunks and halves each in turn, the first from
+// the stream and the others from L1 (MKL's packed sgemm reached 2.5-5 GB/s there, bench/README.md).
 #include <torch/extension.h>
 
 #include "kernel_api.h"
@@ -23,6 +28,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -32,13 +39,15 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define MOPE_AVX512 1
+#define MOPE_X86 1
 #endif
 
 namespace {
 
 constexpr int64_t kPanel = 32;        // outputs per panel: two 16-float vectors
 constexpr int64_t kMaxRows = 12;      // rows per micro-kernel call: 24 accumulators + 2 weight registers
+constexpr int64_t kAvx2Rows = 6;      // AVX2: 6 rows x 16 outputs = 12 accumulators + 2 weights + 1 broadcast
+constexpr int64_t kHalf = 16;         // AVX2: outputs per micro-kernel call (two 8-float vectors)
 // Software prefetch of the weight stream, in floats ahead: into L1 8 KB ahead and into L2 64 KB ahead.
 // Measured: 7-15% faster at 4-12 rows than one L1 prefetch 16 KB ahead (which was 1.4x no prefetch).
 constexpr int64_t kPrefetchL1 = 2048;
@@ -48,7 +57,7 @@ constexpr int64_t kPrefetchL2 = 16384;
 // (where only the first chunk's prefetches reached new lines and memory sat idle under the others).
 constexpr int64_t kSlice = 128;
 
-#ifdef MOPE_AVX512
+#ifdef MOPE_X86
 // A LoRA expand span a micro-kernel adds after its panel: k_len steps, each a k-major row of kMaxRows
 // shrink values in x (zero for the rows of other adapters) times a row of 32 expand outputs in w.
 struct Span {
@@ -161,14 +170,107 @@ const std::array<MicroKernel, kMaxRows> kKMajorKernels[2] = {micro_kernels<false
 // [accumulate][rows - 1]: a row chunk of a larger GEMM, per slice (accumulating after the first)
 const std::array<MicroKernel, kMaxRows> kSlicedKernels[2] = {micro_kernels<false, true, false, false>(kRowCounts),
                                                              micro_kernels<true, true, false, false>(kRowCounts)};
+
+// The AVX2 + FMA micro-kernel: outputs half*16 .. half*16 + 15 of a panel's k_len steps from `panel`, for
+// Rows (<= 6) rows of x (row r, step k at x[r * ldx + k], or KMajor at x[k * kMaxRows + r]), plus the
+// spans (their x k-major); stores (Accumulate: adds) `cols` (<= 16) outputs per row, plus the bias if any.
+// Prefetches at step k into L2 a line of the stream at ahead + k * ahead_step (this pass's share of it), and
+// into L1 this half's line kPrefetchL1 ahead (measured 10-15% faster at 1-12 rows than L2 alone).
+template <int Rows, bool Accumulate, bool KMajor>
+__attribute__((target("avx2,fma"))) void half_kernel(const float* x, int64_t ldx, const float* panel, int64_t k_len,
+                                                     const Span* spans, int64_t num_spans, int half,
+                                                     const float* bias, float* y, int64_t ldy, int64_t cols,
+                                                     const char* ahead, int64_t ahead_step) {
+  __m256 acc[Rows][2];  // every loop over r unrolled: else GCC keeps acc in memory, storing it every step
+#pragma GCC unroll 6
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const float* w = panel + half * kHalf;
+  for (int64_t k = 0; k < k_len; ++k) {
+    _mm_prefetch(ahead + k * ahead_step, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k * kPanel + kPrefetchL1), _MM_HINT_T0);  // this half's line
+    const __m256 w0 = _mm256_loadu_ps(w + k * kPanel), w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < Rows; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(KMajor ? x + k * kMaxRows + r : x + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xr, w1, acc[r][1]);
+    }
+  }
+  for (const Span* span = spans; span < spans + num_spans; ++span) {
+    const float* sw = span->w + half * kHalf;
+    for (int64_t k = 0; k < span->k_len; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(sw + k * kPanel), w1 = _mm256_loadu_ps(sw + k * kPanel + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < Rows; ++r) {
+        const __m256 xr = _mm256_broadcast_ss(span->x + k * kMaxRows + r);
+        acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xr, w1, acc[r][1]);
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), lane);
+  const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols) - 8), lane);
+  const __m256 b0 = bias ? _mm256_maskload_ps(bias, mask0) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_maskload_ps(bias + 8, mask1) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int r = 0; r < Rows; ++r) {
+    float* yr = y + r * ldy;
+    const __m256 y0 = Accumulate ? _mm256_maskload_ps(yr, mask0) : b0;
+    const __m256 y1 = Accumulate ? _mm256_maskload_ps(yr + 8, mask1) : b1;
+    _mm256_maskstore_ps(yr, mask0, _mm256_add_ps(acc[r][0], y0));
+    _mm256_maskstore_ps(yr + 8, mask1, _mm256_add_ps(acc[r][1], y1));
+  }
+}
+
+using HalfKernel = void (*)(const float*, int64_t, const float*, int64_t, const Span*, int64_t, int, const float*,
+                            float*, int64_t, int64_t, const char*, int64_t);
+template <bool Accumulate, bool KMajor, int... Rows>
+constexpr std::array<HalfKernel, kAvx2Rows> half_kernels(std::integer_sequence<int, Rows...>) {
+  return {&half_kernel<Rows + 1, Accumulate, KMajor>...};
+}
+constexpr auto kAvx2RowCounts = std::make_integer_sequence<int, kAvx2Rows>{};
+// [accumulate][k_major][rows - 1]
+const std::array<HalfKernel, kAvx2Rows> kHalfKernels[2][2] = {
+    {half_kernels<false, false>(kAvx2RowCounts), half_kernels<false, true>(kAvx2RowCounts)},
+    {half_kernels<true, false>(kAvx2RowCounts), half_kernels<true, true>(kAvx2RowCounts)}};
 #endif
 
-bool supported() {
-#ifdef MOPE_AVX512
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+// The best this CPU runs; MOPE_DISABLE_AVX512=1 in the environment stops at AVX2 (as in mix_sample)
+Isa best_isa() {
+#ifdef MOPE_X86
+  if (__builtin_cpu_supports("avx512f") && std::getenv("MOPE_DISABLE_AVX512") == nullptr) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+  return Isa::kNone;
+}
+
+Isa active_isa = best_isa();  // set_isa: the tests run every form this CPU has
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "none";
+}
+
+bool supported() {
+  return active_isa != Isa::kNone;
+}
+
+void set_isa(const std::string& name) {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+    if (name == isa_name(isa)) {
+      TORCH_CHECK_VALUE(int(isa) <= int(best_isa()), "packed_linear: this CPU does not run ", name, " (it runs ",
+                        isa_name(best_isa()), ")");
+      active_isa = isa;
+      return;
+    }
+  TORCH_CHECK_VALUE(false, "packed_linear: unknown instruction set ", name, " (avx512 or avx2)");
+}
+
+// Rows per micro-kernel chunk: the unit of the LoRA shrink's k-major layout (`Expand`)
+int64_t chunk_rows() {
+  return active_isa == Isa::kAvx512 ? kMaxRows : kAvx2Rows;
 }
 
 void check(bool ok, const std::string& message) {
@@ -267,7 +369,7 @@ void check_packed(const torch::Tensor& packed, int64_t k_dim, int64_t out_featur
             + std::to_string(k_dim) + ") weight");
 }
 
-#ifdef MOPE_AVX512
+#ifdef MOPE_X86
 // x's rows (at most kMaxRows) k-major: xk[k * kMaxRows + r] = x[r, k]. The micro-kernel's broadcasts then
 // read one sequential stream instead of one per row: with a whole panel per call (up to 12 KB of each row
 // between reuses) the row streams fell out of L1. Measured from memory, bench/linear.py's projection set:
@@ -389,13 +491,17 @@ struct Expand {
 void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, const float* packed, PanelQueue& queue,
                  int t, int64_t col_limit, const float* bias, float* y, int64_t ldy, int64_t first_col,
                  const Expand* expand, bool stream) {
-  const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+  if (rows == 0) return;
+  const bool avx2 = active_isa == Isa::kAvx2;
+  const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
+  const int halves = avx2 ? 2 : 1;  // an AVX2 micro-kernel takes half a panel
+  const bool k_major = rows <= kMaxRows;
   std::vector<Span> spans(expand ? expand->num_adapters : 0);
   for (int64_t p = queue.next(t); p >= 0; p = queue.next(t)) {
     const int64_t cols = std::min(kPanel, col_limit - p * kPanel);
     const float* panel_bias = bias ? bias + p * kPanel : nullptr;
     float* y_panel = y + p * kPanel - first_col;
-    if (chunks == 1) {
+    if (chunks == 1 && !avx2) {
       const int64_t n = expand ? expand->spans_of(0, p, spans.data()) : 0;
       kKMajorKernels[stream][rows - 1](xk, 0, packed + p * k_dim * kPanel, k_dim, spans.data(), n, panel_bias, y_panel,
                                        ldy, cols, nullptr, 0);
@@ -403,19 +509,33 @@ void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, c
     }
     // k_dim = 0 still takes one (empty) slice: it writes the bias, or zeros
     for (int64_t k0 = 0; k0 < std::max<int64_t>(k_dim, 1); k0 += kSlice) {
-      const int64_t k_len = std::min(kSlice, k_dim - k0);
+      const int64_t k_len = std::min(kSlice, k_dim - k0), passes = chunks * halves;
       const float* w = packed + (p * k_dim + k0) * kPanel;
+      const int64_t share = k_len * kPanel * int64_t(sizeof(float)) / passes;
+      const int64_t ahead_step = share / std::max<int64_t>(k_len, 1);
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t r = c * kMaxRows, share = k_len * kPanel * int64_t(sizeof(float)) / chunks;
-        const char* ahead = reinterpret_cast<const char*>(w + kPrefetchL2) + c * share;
+        const int64_t r = c * per_chunk, chunk = std::min(per_chunk, rows - r);
         const int64_t n = expand && k0 + k_len == k_dim ? expand->spans_of(c, p, spans.data()) : 0;
-        kSlicedKernels[k0 > 0][std::min(kMaxRows, rows - r) - 1](
-            x + r * k_dim + k0, k_dim, w, k_len, spans.data(), n, k0 == 0 ? panel_bias : nullptr, y_panel + r * ldy,
-            ldy, cols, ahead, share / std::max<int64_t>(k_len, 1));
+        const float* rows_at = k_major ? xk + k0 * kMaxRows + r : x + r * k_dim + k0;
+        for (int half = 0; half < halves; ++half) {
+          const char* ahead = reinterpret_cast<const char*>(w + kPrefetchL2) + (c * halves + half) * share;
+          if (!avx2) {
+            kSlicedKernels[k0 > 0][chunk - 1](rows_at, k_dim, w, k_len, spans.data(), n,
+                                              k0 == 0 ? panel_bias : nullptr, y_panel + r * ldy, ldy, cols, ahead,
+                                              ahead_step);
+            continue;
+          }
+          const int64_t half_cols = std::min(kHalf, cols - half * kHalf);
+          if (half_cols <= 0) continue;
+          kHalfKernels[k0 > 0][k_major][chunk - 1](rows_at, k_dim, w, k_len, spans.data(), n, half,
+                                                   k0 == 0 && panel_bias ? panel_bias + half * kHalf : nullptr,
+                                                   y_panel + r * ldy + half * kHalf, ldy, half_cols, ahead,
+                                                   ahead_step);
+        }
       }
     }
   }
-  if (stream) _mm_sfence();
+  if (stream && !avx2) _mm_sfence();
 }
 
 // x packed for the micro-kernels by this thread: k-major up to kMaxRows rows, else x itself
@@ -443,7 +563,7 @@ void gemm(const float* x, int64_t rows, int64_t k_dim, const float* packed, int6
 // x, the packed weight `name` (packed_outputs rows) and the bias (out_features,), as the GEMMs take them
 void check_gemm_args(const torch::Tensor& x, const torch::Tensor& packed, int64_t packed_outputs, const char* name,
                      const c10::optional<torch::Tensor>& bias, int64_t out_features) {
-  check(supported(), "this CPU has no AVX-512 (use F.linear)");
+  check(supported(), "this CPU has neither AVX-512 nor AVX2 with FMA (use F.linear)");
   check(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.is_contiguous(),
         "x must be a contiguous 2-D fp32 CPU tensor");
   check_packed(packed, x.size(1), packed_outputs, name);
@@ -456,7 +576,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
                             const c10::optional<torch::Tensor>& bias) {
   check_gemm_args(x, packed, out_features, "packed", bias, out_features);
   auto y = torch::empty({x.size(0), out_features}, x.options());
-#ifdef MOPE_AVX512
+#ifdef MOPE_X86
   gemm(x.data_ptr<float>(), x.size(0), x.size(1), packed.data_ptr<float>(), out_features,
        bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), out_features);
 #endif
@@ -489,11 +609,11 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   const int64_t* index = adapter.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) check(index[r] >= -1 && index[r] < num_adapters, "adapter out of range");
   auto y = torch::empty({rows, out_features}, x.options());
-#ifdef MOPE_AVX512
-  const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+#ifdef MOPE_X86
+  const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
   std::vector<char> used(chunks * num_adapters, 0);
   for (int64_t r = 0; r < rows; ++r)
-    if (index[r] >= 0) used[r / kMaxRows * num_adapters + index[r]] = 1;
+    if (index[r] >= 0) used[r / per_chunk * num_adapters + index[r]] = 1;
   // the shrink: the panels of `folded` from the one holding output row out_features on
   const int64_t first_shrink = out_features / kPanel, shrink_panels = (total + kPanel - 1) / kPanel - first_shrink;
   const int64_t ld_shrink = shrink_panels * kPanel, shrink_col = out_features - first_shrink * kPanel;
@@ -510,7 +630,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
     masked.assign(chunks * k_all * kMaxRows, 0.0f);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
-        masked[(r / kMaxRows * k_all + j) * kMaxRows + r % kMaxRows] = shrink[r * ld_shrink + shrink_col + j];
+        masked[(r / per_chunk * k_all + j) * kMaxRows + r % per_chunk] = shrink[r * ld_shrink + shrink_col + j];
     const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
     gemm_panels(x_data, xk, rows, k_dim, packed, queue, t, out_features, bias ? bias->data_ptr<float>() : nullptr,
                 y.data_ptr<float>(), out_features, 0, &lora, true);
@@ -522,7 +642,15 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supported", &supported, "whether this CPU runs the kernel (AVX-512F)");
+  m.def("supported", &supported, "whether this CPU runs the kernel (AVX-512F, or AVX2 and FMA)");
+  m.def("isa", [] { return std::string(isa_name(active_isa)); }, "the instruction set the kernels run now");
+  m.def("isas", [] {
+    std::vector<std::string> names;
+    for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+      if (int(isa) <= int(best_isa())) names.push_back(isa_name(isa));
+    return names;
+  }, "the instruction sets this CPU runs, best first");
+  m.def("set_isa", &set_isa, "run the kernels in this instruction set (one of isas()): for tests", py::arg("name"));
   m.def("pack_weight", &pack_weight, "(N, K) fp32 weight -> (ceil(N/32), K, 32) panels");
   m.def("packed_linear", &packed_linear, "x @ W^T + bias from pack_weight's panels", py::arg("x"),
         py::arg("packed"), py::arg("out_features"), py::arg("bias") = py::none());

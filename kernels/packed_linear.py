@@ -5,8 +5,9 @@ weights. `pack_weight(w)` lays W out as 32-output panels read in one sequential,
 `packed_linear(x, packed, bias)` then computes x @ Wᵀ + bias for up to `MAX_ROWS` rows, and
 `packed_lora_linear` the same layer plus each row's own LoRA adapter (the engine's CPU path for adapter
 experts, engine/lora.py). Measured against MKL's packed sgemm in bench/README.md (`bench/linear.py`).
-The torch reference is `F.linear`. `available()` is False without a C++ compiler or without AVX-512;
-callers then use F.linear (or MKL's packed GEMM).
+The torch reference is `F.linear`. The kernel runs in AVX-512 where the CPU has it, else in AVX2 with FMA
+(`instruction_sets()`); `available()` is False without a C++ compiler or without either; callers then use
+F.linear (or MKL's packed GEMM).
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ def available() -> bool:
     """Whether the C++ kernel is built and this CPU runs it."""
     module = load_cpp("packed_linear")
     return module is not None and module.supported()
+
+
+def instruction_sets() -> list[str]:
+    """The forms of the kernel this CPU runs, best first: "avx512" (a micro-kernel holds 12 rows x 32
+    outputs), "avx2" (AVX2 + FMA: 6 rows x 16 outputs); MOPE_DISABLE_AVX512=1 leaves out "avx512"."""
+    return load_cpp("packed_linear").isas() if available() else []
+
+
+def instruction_set() -> str:
+    """The form the kernel runs now (the first of `instruction_sets()` unless set)."""
+    _require_available()
+    return load_cpp("packed_linear").isa()
+
+
+def set_instruction_set(name: str) -> None:
+    """Run the kernel in `name`, one of `instruction_sets()`, from now on (process-wide: for tests and
+    benchmarks that compare the forms; results agree to fp32 rounding, not bit for bit)."""
+    _require_available()
+    load_cpp("packed_linear").set_isa(name)
 
 
 class PackedWeight(NamedTuple):
@@ -141,5 +161,6 @@ def _checked_rows(x: Tensor) -> Tensor:
 
 def _require_available() -> None:
     if not available():
-        raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and an AVX-512 CPU; use F.linear")
+        raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and a CPU with AVX-512 or AVX2 and FMA; "
+                           "use F.linear")
 

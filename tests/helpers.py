@@ -3,6 +3,7 @@ of the benchmark scripts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,14 +27,33 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-def _cpu_has_avx512f() -> bool:
+def _packed_linear_isas() -> list[str]:
+    """The packed GEMM's forms this CPU runs, best first (as csrc/packed_linear.cpp finds them)."""
     try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+        flags = {"AVX512": {"avx512f", "avx2", "fma"}, "AVX2": {"avx2", "fma"}}.get(
+            torch.backends.cpu.get_cpu_capability(), set())
+    if os.environ.get("MOPE_DISABLE_AVX512"):
+        flags.discard("avx512f")
+    return [isa for isa, needs in (("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})) if needs <= flags]
 
 
-PACKED_LINEAR_RUNS = HAS_COMPILER and _cpu_has_avx512f()
+PACKED_LINEAR_ISAS = _packed_linear_isas() if HAS_COMPILER else []
+PACKED_LINEAR_RUNS = bool(PACKED_LINEAR_ISAS)
+
+
+@contextlib.contextmanager
+def packed_isa(name: str):
+    """packed_linear runs in instruction set `name` (one of PACKED_LINEAR_ISAS) inside the block."""
+    from mope.kernels import packed_linear
+
+    before = packed_linear.instruction_set()
+    packed_linear.set_instruction_set(name)
+    try:
+        yield
+    finally:
+        packed_linear.set_instruction_set(before)
 
 
 def on_threads(threads: int, fn, *args, **kwargs):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from mope.kernels import packed_linear
 from mope.kernels.lora import LoRARows, add_lora
 
-from tests.helpers import PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads
+from tests.helpers import PACKED_LINEAR_ISAS, PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads, packed_isa
 
 BACKENDS = ["torch", "triton"]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -95,27 +95,30 @@ def packed_lora(x, weight, bias, lora_a, lora_b, index, scaling):
                                             packed_linear.pack_lora_expand(expand, num_adapters))
 
 
-needs_packed = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs AVX-512 and a C++ compiler")
+needs_packed = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs AVX-512 or AVX2 and a C++ compiler")
+every_isa = pytest.mark.parametrize("isa", PACKED_LINEAR_ISAS or ["none"])  # every form this CPU runs
 
 
 @needs_packed
-@pytest.mark.parametrize("num_rows", [1, 12, 37, 256])
+@every_isa
+@pytest.mark.parametrize("num_rows", [1, 6, 7, 12, 37, 256])
 @pytest.mark.parametrize("sort_rows", [False, True])
-def test_packed_lora_linear_matches_dense_per_row(num_rows, sort_rows):
-    """Rows unsorted (runs of one row) and sorted (runs longer than the 12-row micro-kernel), -1 rows,
-    an adapter without rows, output and hidden sizes off the 32-output panels; then the block-diagonal
-    expand of a fused projection (two shards), whose zero blocks the kernel skips."""
-    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
-    weight, bias = torch.randn(70, 80) / 9, torch.randn(70)
-    base = torch.nn.functional.linear(x, weight, bias)
-    out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
-    expected = dense_per_row(x, lora_a, lora_b, index, base, scaling)
-    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
-    fused_b = torch.zeros_like(lora_b)
-    fused_b[:, :40, :4], fused_b[:, 40:, 4:] = lora_b[:, :40, :4], lora_b[:, 40:, 4:]
-    out = packed_lora(x, weight, bias, lora_a, fused_b, index, scaling)
-    torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, fused_b, index, base, scaling),
-                               **TOLERANCES[torch.float32])
+def test_packed_lora_linear_matches_dense_per_row(isa, num_rows, sort_rows):
+    """Rows unsorted (runs of one row) and sorted (runs longer than the 6- and 12-row micro-kernels), -1
+    rows, an adapter without rows, output and hidden sizes off the 32-output panels; then the
+    block-diagonal expand of a fused projection (two shards), whose zero blocks the kernel skips."""
+    with packed_isa(isa):
+        x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
+        weight, bias = torch.randn(70, 80) / 9, torch.randn(70)
+        base = torch.nn.functional.linear(x, weight, bias)
+        out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
+        expected = dense_per_row(x, lora_a, lora_b, index, base, scaling)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+        fused_b = torch.zeros_like(lora_b)
+        fused_b[:, :40, :4], fused_b[:, 40:, 4:] = lora_b[:, :40, :4], lora_b[:, 40:, 4:]
+        out = packed_lora(x, weight, bias, lora_a, fused_b, index, scaling)
+        torch.testing.assert_close(out.double(), dense_per_row(x, lora_a, fused_b, index, base, scaling),
+                                   **TOLERANCES[torch.float32])
 
 
 @needs_packed
@@ -204,11 +207,13 @@ def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("num_rows,hidden", [
     pytest.param(13, 0, id="k0-past-12-rows"),  # no 128-k slice ran: y was left unwritten (not the bias)
 ])
-def test_packed_lora_linear_regressions(num_rows, hidden):
+@every_isa
+def test_packed_lora_linear_regressions(isa, num_rows, hidden):
     """Minimal cases the fuzzing below found (each failed before its fix)."""
     x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, hidden=hidden, out_features=5)
     weight, bias = torch.randn(5, hidden), torch.randn(5)
-    out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
+    with packed_isa(isa):
+        out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
     expected = dense_per_row(x, lora_a, lora_b, index, torch.nn.functional.linear(x, weight, bias), scaling)
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
 
@@ -263,9 +268,10 @@ def adapter_index(rows: str, num_rows: int, num_adapters: int, g: torch.Generato
        num_rows=st.sampled_from([1, 12, 13, 25, 256]) | st.integers(1, packed_linear.MAX_ROWS),
        hidden=st.sampled_from([0, 1, 127, 128, 129]) | st.integers(1, 300),
        rows=st.sampled_from(["random", "sorted", "one adapter", "no adapter"]), bias=st.booleans(),
-       transposed=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+       transposed=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       isa=st.sampled_from(PACKED_LINEAR_ISAS or ["none"]))
 def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidden, rows, bias, transposed,
-                                                          threads, seed):
+                                                          threads, seed, isa):
     num_adapters, rank, shard_sizes, ranks = layer
     g = torch.Generator().manual_seed(seed)
     out_features, width = sum(shard_sizes), len(shard_sizes) * rank
@@ -277,7 +283,8 @@ def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidd
     index = adapter_index(rows, num_rows, num_adapters, g)
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * width, hidden)]))
     expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(out_features, -1), num_adapters)
-    out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, b, index, expand)
+    with packed_isa(isa):
+        out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, b, index, expand)
     x64, b64 = x.double(), (b.double() if bias else torch.zeros(out_features, dtype=torch.float64))
     expected, magnitude = x64 @ weight.double().T + b64, x64.abs() @ weight.double().abs().T + b64.abs()
     for n, l in enumerate(index.tolist()):

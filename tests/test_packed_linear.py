@@ -13,27 +13,38 @@ from hypothesis import strategies as st
 from mope.engine import linear
 from mope.kernels import packed_linear
 
-from tests.helpers import PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads, run_python
+from tests.helpers import (
+    PACKED_LINEAR_ISAS,
+    PACKED_LINEAR_RUNS,
+    assert_within_fp32_rounding,
+    on_threads,
+    packed_isa,
+    run_python,
+)
 
-needs_packed = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs AVX-512 and a C++ compiler")
+needs_packed = pytest.mark.skipif(not PACKED_LINEAR_RUNS, reason="needs AVX-512 or AVX2 and a C++ compiler")
+# every form of the kernel this CPU runs (AVX-512, AVX2)
+every_isa = pytest.mark.parametrize("isa", PACKED_LINEAR_ISAS or ["none"])
 
 
 @needs_packed
+@every_isa
 @pytest.mark.parametrize("rows", [*range(1, 14), 31, 256])
 @pytest.mark.parametrize("out_features,in_features", [(70, 80), (32, 7), (2304, 768), (5, 300)])
-def test_matches_f_linear(rows, out_features, in_features):
-    """Row counts around the 12-row micro-kernel, outputs off and on the 32-output panels, with and
-    without bias."""
-    g = torch.Generator().manual_seed(rows * out_features)
-    x = torch.randn(rows, in_features, generator=g)
-    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    bias = torch.randn(out_features, generator=g)
-    packed = packed_linear.pack_weight(weight)
-    assert packed.panels.shape == (-(-out_features // 32), in_features, 32)
-    assert packed.out_features == out_features
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
-                               F.linear(x, weight, bias))
+def test_matches_f_linear(isa, rows, out_features, in_features):
+    """Row counts around the micro-kernels' 12 (AVX-512) and 6 (AVX2) rows, outputs off and on the
+    32-output panels and their 16-output halves, with and without bias."""
+    with packed_isa(isa):
+        g = torch.Generator().manual_seed(rows * out_features)
+        x = torch.randn(rows, in_features, generator=g)
+        weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+        bias = torch.randn(out_features, generator=g)
+        packed = packed_linear.pack_weight(weight)
+        assert packed.panels.shape == (-(-out_features // 32), in_features, 32)
+        assert packed.out_features == out_features
+        torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
+        torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
+                                   F.linear(x, weight, bias))
 
 
 @needs_packed
@@ -47,22 +58,25 @@ def test_a_missing_threads_panels_are_taken_by_the_others():
         "torch.set_num_threads(2)\n"
         "from tests.test_packed_linear import test_matches_f_linear\n"
         "from tests.test_lora_kernels import test_packed_lora_linear_matches_dense_per_row\n"
-        "for rows in (4, 12, 31):\n"
-        "    test_matches_f_linear(rows, 2304, 768)\n"
-        "    test_matches_f_linear(rows, 70, 80)\n"
-        "for rows in (12, 37):\n"
-        "    test_packed_lora_linear_matches_dense_per_row(rows, True)\n"
+        f"for isa in {PACKED_LINEAR_ISAS}:\n"
+        "    for rows in (4, 12, 31):\n"
+        "        test_matches_f_linear(isa, rows, 2304, 768)\n"
+        "        test_matches_f_linear(isa, rows, 70, 80)\n"
+        "    for rows in (12, 37):\n"
+        "        test_packed_lora_linear_matches_dense_per_row(isa, rows, True)\n"
     )
     run_python(["-c", script], env={"OMP_THREAD_LIMIT": "1"})
 
 
 @needs_packed
-def test_non_contiguous_rows_and_no_rows():
-    weight = torch.randn(40, 24)
-    packed = packed_linear.pack_weight(weight)
-    x = torch.randn(24, 6).T  # a transposed view
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
-    assert packed_linear.packed_linear(torch.randn(0, 24), packed).shape == (0, 40)
+@every_isa
+def test_non_contiguous_rows_and_no_rows(isa):
+    with packed_isa(isa):
+        weight = torch.randn(40, 24)
+        packed = packed_linear.pack_weight(weight)
+        x = torch.randn(24, 6).T  # a transposed view
+        torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
+        assert packed_linear.packed_linear(torch.randn(0, 24), packed).shape == (0, 40)
 
 
 def mapping_of(address: int) -> dict | None:
@@ -165,14 +179,16 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
 @pytest.mark.parametrize("rows,out_features,in_features", [
     pytest.param(13, 1, 0, id="k0-past-12-rows"),  # no 128-k slice ran: y was left unwritten (not the bias)
 ])
-def test_regressions(rows, out_features, in_features):
+@every_isa
+def test_regressions(isa, rows, out_features, in_features):
     """Minimal cases the fuzzing below found (each failed before its fix)."""
-    x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
-    bias = torch.randn(out_features)
-    packed = packed_linear.pack_weight(weight)
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
-                               F.linear(x, weight, bias))
-    torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
+    with packed_isa(isa):
+        x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+        bias = torch.randn(out_features)
+        packed = packed_linear.pack_weight(weight)
+        torch.testing.assert_close(packed_linear.packed_linear(x, packed, bias),
+                                   F.linear(x, weight, bias))
+        torch.testing.assert_close(packed_linear.packed_linear(x, packed), F.linear(x, weight))
 
 
 
@@ -211,14 +227,16 @@ def fuzz_rows(g: torch.Generator, rows: int, in_features: int, layout: str) -> t
 @needs_packed
 @FUZZ_SETTINGS
 @given(rows=FUZZ_ROWS, out_features=FUZZ_OUT_FEATURES, in_features=FUZZ_IN_FEATURES, bias=st.booleans(),
-       layout=st.sampled_from(FUZZ_LAYOUTS), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-def test_fuzz_matches_float64_reference(rows, out_features, in_features, bias, layout, threads, seed):
+       layout=st.sampled_from(FUZZ_LAYOUTS), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       isa=st.sampled_from(PACKED_LINEAR_ISAS or ["none"]))
+def test_fuzz_matches_float64_reference(rows, out_features, in_features, bias, layout, threads, seed, isa):
     g = torch.Generator().manual_seed(seed)
     x = fuzz_rows(g, rows, in_features, layout)
     weight = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     packed = packed_linear.pack_weight(weight)
-    out = on_threads(threads, packed_linear.packed_linear, x, packed, b)
+    with packed_isa(isa):
+        out = on_threads(threads, packed_linear.packed_linear, x, packed, b)
     b64 = b.double() if bias else torch.zeros(out_features, dtype=torch.float64)
     assert_within_fp32_rounding(out, x.double() @ weight.double().T + b64,
                                 x.double().abs() @ weight.double().abs().T + b64.abs())
