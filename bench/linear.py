@@ -3,7 +3,8 @@
     python bench/linear.py             # llama-160m: the 84 decoder projections + LM head (551 MB), M 1..64
     python bench/linear.py --smoke     # tiny shape, one repeat (tests/test_bench_smoke_linear.py)
 
-`packed` is `mope.kernels.packed_linear` (what engine/linear.py runs on AVX-512 CPUs), `mkl-packed` MKL's
+`packed` is `mope.kernels.packed_linear` in its best form (what engine/linear.py runs on CPUs with AVX-512
+or AVX2; `packed-avx2`: its AVX2 form, where the CPU has AVX-512 too), `mkl-packed` MKL's
 prepacked sgemm (`torch.ops.mkl._mkl_linear`, the engine's path on other CPUs), `sgemm` plain `F.linear`.
 A model's weights are larger than the caches, so each call reads them from memory, as a decode step
 does. Timed interleaved, medians; floors: the weights at the read bandwidth measured in the run, and
@@ -13,6 +14,7 @@ the FLOPs at `--peak-gflops`.
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,8 +36,15 @@ def providers(weights: list[torch.Tensor]) -> dict[str, Callable[[dict[int, torc
            "sgemm": lambda xs: [F.linear(xs[w.shape[1]], w) for w in weights]}
     if packed_linear.available():
         packed = [packed_linear.pack_weight(w) for w in weights]
-        fns = {"packed": lambda xs: [packed_linear.packed_linear(xs[w.shape[1]], p)
-                                     for w, p in zip(weights, packed, strict=True)]} | fns
+
+        def run_packed(xs: dict[int, torch.Tensor], isa: str) -> list:
+            packed_linear.set_instruction_set(isa)
+            return [packed_linear.packed_linear(xs[w.shape[1]], p)
+                    for w, p in zip(weights, packed, strict=True)]
+
+        best, *others = packed_linear.instruction_sets()  # "packed" in the best form, then any others
+        fns = {"packed": partial(run_packed, isa=best)} | {f"packed-{isa}": partial(run_packed, isa=isa)
+                                                            for isa in others} | fns
     return fns
 
 

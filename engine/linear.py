@@ -2,8 +2,9 @@
 
 A decode step multiplies few rows (the batch) by every weight, so its speed is that of reading the
 weights. Up to `PACKED_MAX_ROWS` rows, `fast_linear` runs our weight-streaming GEMM
-(`mope.kernels.packed_linear`, AVX-512; 1.1-1.5x MKL's packed sgemm at 4-32 rows, bench/README.md), or on
-CPUs without AVX-512 MKL's prepacked GEMM (`cblas_sgemm_compute`: 2x plain sgemm at 8 rows, 1.3x at 32).
+(`mope.kernels.packed_linear`, AVX-512 or AVX2: 1.1-1.5x MKL's packed sgemm at 4-32 rows on Intel with
+AVX-512, 2-4x on AMD Zen 3, bench/README.md), or on CPUs with neither MKL's prepacked GEMM
+(`cblas_sgemm_compute`: 2x plain sgemm at 8 rows, 1.3x at 32).
 The packed copy costs as much memory as the weight (ours: plus at most 2 MB, its last huge page); it is
 made on first use and remade when the weight changes (its version counter moves: an optimizer step, a
 LoRA merge). With autograd on, on other devices or dtypes, for more rows, or for weights made in inference

@@ -86,5 +86,6 @@ def decode_layers(calls: list) -> list[Tensor | None]:
 
 def _module():
     if not available():
-        raise RuntimeError("decode_layers needs the C++ kernels (a compiler) and a CPU with AVX-512 or AVX2 and FMA")
+        raise RuntimeError("decode_layers needs the C++ kernels (a compiler) and a CPU with AVX-512 or AVX2 "
+                           "and FMA")
     return load_cpp("decode_layers")

@@ -161,6 +161,6 @@ def _checked_rows(x: Tensor) -> Tensor:
 
 def _require_available() -> None:
     if not available():
-        raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and a CPU with AVX-512 or AVX2 and FMA; "
-                           "use F.linear")
+        raise RuntimeError("packed_linear needs the C++ kernel (a compiler) and a CPU with AVX-512 or AVX2 "
+                           "and FMA; use F.linear")
 

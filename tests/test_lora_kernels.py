@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from mope.kernels import packed_linear
 from mope.kernels.lora import LoRARows, add_lora
 
-from tests.helpers import PACKED_LINEAR_ISAS, PACKED_LINEAR_RUNS, assert_within_fp32_rounding, on_threads, packed_isa
+from tests.helpers import (
+    PACKED_LINEAR_ISAS,
+    PACKED_LINEAR_RUNS,
+    assert_within_fp32_rounding,
+    on_threads,
+    packed_isa,
+)
 
 BACKENDS = ["torch", "triton"]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -107,8 +113,8 @@ def test_packed_lora_linear_matches_dense_per_row(isa, num_rows, sort_rows):
     """Rows unsorted (runs of one row) and sorted (runs longer than the 6- and 12-row micro-kernels), -1
     rows, an adapter without rows, output and hidden sizes off the 32-output panels; then the
     block-diagonal expand of a fused projection (two shards), whose zero blocks the kernel skips."""
+    x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
     with packed_isa(isa):
-        x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
         weight, bias = torch.randn(70, 80) / 9, torch.randn(70)
         base = torch.nn.functional.linear(x, weight, bias)
         out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
