@@ -198,7 +198,8 @@ __attribute__((target("avx2,fma"))) void half_kernel(const float* x, int64_t ldx
   }
   for (const Span* span = spans; span < spans + num_spans; ++span) {
     const float* sw = span->w + half * kHalf;
-    for (int64_t k = 0; k < span->k_len; ++k) {
+    for (int64_t k = 0; k < span->k_len; ++k) {  // one stream across panels: fetch the next panels' spans
+      _mm_prefetch(reinterpret_cast<const char*>(sw + k * kPanel + kPrefetchL1), _MM_HINT_T0);
       const __m256 w0 = _mm256_loadu_ps(sw + k * kPanel), w1 = _mm256_loadu_ps(sw + k * kPanel + 8);
 #pragma GCC unroll 6
       for (int r = 0; r < Rows; ++r) {
