@@ -18,9 +18,18 @@ constexpr float kExpMin = -87.33654f;  // below: 0 (where torch would return a d
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
-// exp(x) for x <= 0; 0 below kExpMin and for -inf. No libm call, so the loops around it vectorise.
+// exp(x) for x <= 0; 0 below kExpMin and for -inf. No libm call and no branch, so the loops around it
+// vectorise: the clamp and the 0 below kExpMin are bit masks, since with `x < kExpMin ? ... : ...` GCC gave the
+// constant outcome a branch of its own and left the AVX2 (x86-64-v3) clones scalar (AVX-512 masks the branch
+// away): silu_mul on AMD Zen 3 ran 5-10 ns an element (bench/README.md).
 inline float exp_nonpositive(float x) {
-  const float clamped = x < kExpMin ? kExpMin : x;
+  const int32_t below = -int32_t(x < kExpMin);  // all ones below kExpMin (and for -inf), else 0
+  int32_t x_bits, min_bits;
+  std::memcpy(&x_bits, &x, sizeof(x));
+  std::memcpy(&min_bits, &kExpMin, sizeof(kExpMin));
+  const int32_t clamped_bits = (x_bits & ~below) | (min_bits & below);
+  float clamped;
+  std::memcpy(&clamped, &clamped_bits, sizeof(clamped));
   const float n = (clamped * kLog2e + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = clamped - n * kLn2Hi - n * kLn2Lo;
   float p = kExpPoly[0];
@@ -29,7 +38,13 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < kExpMin ? 0.0f : poly * scale;
+  const float value = poly * scale;
+  int32_t value_bits;
+  std::memcpy(&value_bits, &value, sizeof(value));
+  value_bits &= ~below;  // +0 below kExpMin
+  float out;
+  std::memcpy(&out, &value_bits, sizeof(out));
+  return out;
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
