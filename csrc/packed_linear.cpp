@@ -258,15 +258,24 @@ bool supported() {
   return active_isa != Isa::kNone;
 }
 
-void set_isa(const std::string& name) {
+// The forms this CPU runs, best first (an Isa runs every form below it)
+std::vector<Isa> runnable_isas() {
+  std::vector<Isa> isas;
   for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+    if (int(isa) <= int(best_isa())) isas.push_back(isa);
+  return isas;
+}
+
+void set_isa(const std::string& name) {
+  std::string runnable;
+  for (Isa isa : runnable_isas()) {
     if (name == isa_name(isa)) {
-      TORCH_CHECK_VALUE(int(isa) <= int(best_isa()), "packed_linear: this CPU does not run ", name, " (it runs ",
-                        isa_name(best_isa()), ")");
       active_isa = isa;
       return;
     }
-  TORCH_CHECK_VALUE(false, "packed_linear: unknown instruction set ", name, " (avx512 or avx2)");
+    runnable += std::string(runnable.empty() ? "" : ", ") + isa_name(isa);
+  }
+  TORCH_CHECK_VALUE(false, "packed_linear: instruction set ", name, " is not one this CPU runs (", runnable, ")");
 }
 
 // Rows per micro-kernel chunk: the unit of the LoRA shrink's k-major layout (`Expand`)
@@ -647,8 +656,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return std::string(isa_name(active_isa)); }, "the instruction set the kernels run now");
   m.def("isas", [] {
     std::vector<std::string> names;
-    for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
-      if (int(isa) <= int(best_isa())) names.push_back(isa_name(isa));
+    for (Isa isa : runnable_isas()) names.push_back(isa_name(isa));
     return names;
   }, "the instruction sets this CPU runs, best first");
   m.def("set_isa", &set_isa, "run the kernels in this instruction set (one of isas()): for tests", py::arg("name"));

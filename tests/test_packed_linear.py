@@ -193,6 +193,18 @@ def test_regressions(isa, rows, out_features, in_features):
 
 
 @needs_packed
+def test_instruction_sets_and_an_unknown_or_unavailable_one():
+    """The kernel lists the forms this CPU runs, as /proc/cpuinfo tells, and refuses any other by name."""
+    assert packed_linear.instruction_sets() == PACKED_LINEAR_ISAS
+    assert packed_linear.instruction_set() == PACKED_LINEAR_ISAS[0]
+    others = ["sse", *(["avx512"] if "avx512" not in PACKED_LINEAR_ISAS else [])]
+    for name in others:
+        with pytest.raises(ValueError, match=f"instruction set {name} is not one this CPU runs"):
+            packed_linear.set_instruction_set(name)
+    assert packed_linear.instruction_set() == PACKED_LINEAR_ISAS[0]
+
+
+@needs_packed
 def test_packed_weight_whose_outputs_do_not_fit_its_panels_raises_value_error():
     """-31..-1 outputs took the 0 panels of an empty weight's packing for a fit (then torch.empty raised a
     RuntimeError), and 70 outputs over 2 panels read past them: a ValueError naming the packed weight."""
