@@ -48,6 +48,7 @@ constexpr int64_t kPanel = 32;        // outputs per panel: two 16-float vectors
 constexpr int64_t kMaxRows = 12;      // rows per micro-kernel call: 24 accumulators + 2 weight registers
 constexpr int64_t kAvx2Rows = 6;      // AVX2: 6 rows x 16 outputs = 12 accumulators + 2 weights + 1 broadcast
 constexpr int64_t kHalf = 16;         // AVX2: outputs per micro-kernel call (two 8-float vectors)
+constexpr int64_t kSpanRows = 4;      // AVX-512: rows per LoRA expand span (a third of a chunk)
 // Software prefetch of the weight stream, in floats ahead: into L1 8 KB ahead and into L2 64 KB ahead.
 // Measured: 7-15% faster at 4-12 rows than one L1 prefetch 16 KB ahead (which was 1.4x no prefetch).
 constexpr int64_t kPrefetchL1 = 2048;
@@ -59,11 +60,13 @@ constexpr int64_t kSlice = 128;
 
 #ifdef MOPE_X86
 // A LoRA expand span a micro-kernel adds after its panel: k_len steps, each a k-major row of kMaxRows
-// shrink values in x (zero for the rows of other adapters) times a row of 32 expand outputs in w.
+// shrink values in x (zero for the rows of other adapters) times a row of 32 expand outputs in w, for the
+// chunk's rows first_row .. first_row + span_rows() - 1 (x starts at first_row).
 struct Span {
   const float* x;
   const float* w;
   int64_t k_len;
+  int64_t first_row;
 };
 
 // x[r] of k-major step xk in all 16 lanes. With UseQuad, rows 0-3 come from `quad` (xk[0..3] in each 128-bit
@@ -95,6 +98,26 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 row_value(const 
 // outputs: at 12 rows, 24 scattered reads per panel that take the fill buffers the weight stream needs.
 // Measured (48 llama-160m projections from C++): 12 rows 16% faster, 4 rows 7%, 1 row the same; the
 // caller fences (_mm_sfence) before another thread reads y.
+// acc[First ..] += the span's rows (up to kSpanRows of them) times its expand rows
+template <int Rows, int First>
+__attribute__((target("avx512f"), always_inline)) inline void add_span(__m512 (&acc)[Rows][2], const Span& span) {
+  constexpr int kCount = std::min<int>(kSpanRows, Rows - First);
+  if constexpr (kCount > 0) {
+    for (int64_t k = 0; k < span.k_len; ++k) {
+      const float* w = span.w + k * kPanel;
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+      const float* xk = span.x + k * kMaxRows;
+      const __m512 quad = kCount == 4 ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int r = 0; r < kCount; ++r) {
+        const __m512 xr = row_value<(kCount == 4)>(xk, quad, r);
+        acc[First + r][0] = _mm512_fmadd_ps(xr, w0, acc[First + r][0]);
+        acc[First + r][1] = _mm512_fmadd_ps(xr, w1, acc[First + r][1]);
+      }
+    }
+  }
+}
+
 template <int Rows, bool Accumulate, bool Shared, bool KMajor, bool Stream = false>
 __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
                                                      const Span* spans, int64_t num_spans, const float* bias, float* y,
@@ -102,6 +125,12 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
   constexpr bool kQuad = KMajor && Rows >= 4;
   __m512 acc[Rows][2];
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  // the spans' expand rows into L2 now, to be there after the panel: fetched in their loop, they came from
+  // memory a line at a time (bench/README.md, LoRA experts)
+  for (const Span* span = spans; span < spans + num_spans; ++span)
+    if (span == spans || span->w != span[-1].w)  // an adapter's rows in several groups share w
+      for (int64_t i = 0; i < span->k_len * kPanel; i += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(span->w + i), _MM_HINT_T1);
   for (int64_t k = 0; k < k_dim; ++k) {
     const float* w = panel + k * kPanel;
     _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
@@ -123,20 +152,12 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx
       acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
     }
   }
+  static_assert(kMaxRows == 3 * kSpanRows);
   for (const Span* span = spans; span < spans + num_spans; ++span) {
-    for (int64_t k = 0; k < span->k_len; ++k) {
-      const float* w = span->w + k * kPanel;  // one stream across panels: fetch the next panels' spans
-      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchL1 + 16), _MM_HINT_T0);
-      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-      const float* xk = span->x + k * kMaxRows;
-      const __m512 quad = Rows >= 4 ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_setzero_ps();
-#pragma GCC unroll 12
-      for (int r = 0; r < Rows; ++r) {
-        const __m512 xr = row_value<(Rows >= 4)>(xk, quad, r);
-        acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
-      }
+    switch (span->first_row) {
+      case 0: add_span<Rows, 0>(acc, *span); break;
+      case kSpanRows: add_span<Rows, kSpanRows>(acc, *span); break;
+      default: add_span<Rows, 2 * kSpanRows>(acc, *span); break;
     }
   }
   const __mmask16 mask0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
@@ -470,25 +491,35 @@ class PanelQueue {
   }
 };
 
-// The LoRA expand of a GEMM's panels: per 12-row chunk c, the shrink values k-major with each row's own
-// adapter's columns only (masked + c * L * width * kMaxRows), and per panel and adapter the span of
-// expand rows (pack_expand's `w`, starting at offsets[p * L + a]) with its first column ranges[...].
+// Rows per LoRA expand span: the AVX-512 micro-kernel adds a span to a group of kSpanRows rows (a chunk's
+// rows of one adapter, where they sit together: a third of the arithmetic at 12 rows), the AVX2 one to its
+// whole chunk
+int64_t span_rows() {
+  return active_isa == Isa::kAvx512 ? kSpanRows : kAvx2Rows;
+}
+
+// The LoRA expand of a GEMM's panels: per chunk c, the shrink values k-major with each row's own adapter's
+// columns only (masked + c * L * width * kMaxRows), and per panel and adapter the span of expand rows
+// (pack_expand's `w`, starting at offsets[p * L + a]) with its first column ranges[...].
 struct Expand {
   const float* masked;
   const float* w;
   const int64_t* ranges;
   const int64_t* offsets;
-  const char* used;  // [c * L + a]: whether chunk c has rows of adapter a
-  int64_t num_adapters, width;
+  const char* used;  // [(c * groups + g) * L + a]: whether row group g of chunk c has rows of adapter a
+  int64_t num_adapters, width, groups;  // groups: of span_rows() rows, per chunk
 
-  // The spans of chunk c at panel p (into `spans`, returned count)
+  // The spans of chunk c at panel p (into `spans`, L * groups of room; returned count)
   int64_t spans_of(int64_t c, int64_t p, Span* spans) const {
     int64_t n = 0;
     for (int64_t a = 0; a < num_adapters; ++a) {
       const int64_t block = p * num_adapters + a, k_len = offsets[block + 1] - offsets[block];
-      if (k_len > 0 && used[c * num_adapters + a])
-        spans[n++] = {masked + (c * num_adapters * width + a * width + ranges[2 * block]) * kMaxRows,
-                      w + offsets[block] * kPanel, k_len};
+      for (int64_t g = 0; g < groups && k_len > 0; ++g) {
+        if (!used[(c * groups + g) * num_adapters + a]) continue;
+        const int64_t first_row = g * span_rows();
+        spans[n++] = {masked + (c * num_adapters * width + a * width + ranges[2 * block]) * kMaxRows + first_row,
+                      w + offsets[block] * kPanel, k_len, first_row};
+      }
     }
     return n;
   }
@@ -506,7 +537,7 @@ void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, c
   const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
   const int halves = avx2 ? 2 : 1;  // an AVX2 micro-kernel takes half a panel
   const bool k_major = rows <= kMaxRows;
-  std::vector<Span> spans(expand ? expand->num_adapters : 0);
+  std::vector<Span> spans(expand ? expand->num_adapters * expand->groups : 0);
   for (int64_t p = queue.next(t); p >= 0; p = queue.next(t)) {
     const int64_t cols = std::min(kPanel, col_limit - p * kPanel);
     const float* panel_bias = bias ? bias + p * kPanel : nullptr;
@@ -621,9 +652,10 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   auto y = torch::empty({rows, out_features}, x.options());
 #ifdef MOPE_X86
   const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
-  std::vector<char> used(chunks * num_adapters, 0);
+  const int64_t groups = per_chunk / span_rows();  // row group r / span_rows() is group g of chunk c
+  std::vector<char> used(chunks * groups * num_adapters, 0);
   for (int64_t r = 0; r < rows; ++r)
-    if (index[r] >= 0) used[r / per_chunk * num_adapters + index[r]] = 1;
+    if (index[r] >= 0) used[r / span_rows() * num_adapters + index[r]] = 1;
   // the shrink: the panels of `folded` from the one holding output row out_features on
   const int64_t first_shrink = out_features / kPanel, shrink_panels = (total + kPanel - 1) / kPanel - first_shrink;
   const int64_t ld_shrink = shrink_panels * kPanel, shrink_col = out_features - first_shrink * kPanel;
@@ -641,7 +673,8 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
         masked[(r / per_chunk * k_all + j) * kMaxRows + r % per_chunk] = shrink[r * ld_shrink + shrink_col + j];
-    const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
+    const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width,
+                      groups};
     gemm_panels(x_data, xk, rows, k_dim, packed, queue, t, out_features, bias ? bias->data_ptr<float>() : nullptr,
                 y.data_ptr<float>(), out_features, 0, &lora, true);
   });
