@@ -88,16 +88,6 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 row_value(const 
   return _mm512_set1_ps(xk[r]);
 }
 
-// acc (rows x 32) = x[rows, :] @ panel + the spans; stores (Accumulate: adds) `cols` (<= 32) outputs per
-// row, plus the bias if any. x is row-major (row r at x + r * ldx) or (KMajor) k-major, kMaxRows values
-// per k (`pack_rows`). Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines
-// at ahead + k * ahead_step at step k: a row chunk's share of the stream.
-//
-// With Stream, a row's full, 64-byte aligned 32 outputs go out by non-temporal stores. An ordinary store
-// first reads its line (the weight stream has long evicted y from the caches), one line per row and 16
-// outputs: at 12 rows, 24 scattered reads per panel that take the fill buffers the weight stream needs.
-// Measured (48 llama-160m projections from C++): 12 rows 16% faster, 4 rows 7%, 1 row the same; the
-// caller fences (_mm_sfence) before another thread reads y.
 // acc[First ..] += the span's rows (up to kSpanRows of them) times its expand rows
 template <int Rows, int First>
 __attribute__((target("avx512f"), always_inline)) inline void add_span(__m512 (&acc)[Rows][2], const Span& span) {
@@ -118,6 +108,16 @@ __attribute__((target("avx512f"), always_inline)) inline void add_span(__m512 (&
   }
 }
 
+// acc (rows x 32) = x[rows, :] @ panel + the spans; stores (Accumulate: adds) `cols` (<= 32) outputs per
+// row, plus the bias if any. x is row-major (row r at x + r * ldx) or (KMajor) k-major, kMaxRows values
+// per k (`pack_rows`). Prefetches into L2 the stream 64 KB ahead of the panel, or (Shared) the two lines
+// at ahead + k * ahead_step at step k: a row chunk's share of the stream.
+//
+// With Stream, a row's full, 64-byte aligned 32 outputs go out by non-temporal stores. An ordinary store
+// first reads its line (the weight stream has long evicted y from the caches), one line per row and 16
+// outputs: at 12 rows, 24 scattered reads per panel that take the fill buffers the weight stream needs.
+// Measured (48 llama-160m projections from C++): 12 rows 16% faster, 4 rows 7%, 1 row the same; the
+// caller fences (_mm_sfence) before another thread reads y.
 template <int Rows, bool Accumulate, bool Shared, bool KMajor, bool Stream = false>
 __attribute__((target("avx512f"))) void micro_kernel(const float* x, int64_t ldx, const float* panel, int64_t k_dim,
                                                      const Span* spans, int64_t num_spans, const float* bias, float* y,
