@@ -38,9 +38,9 @@ def providers(weights: list[torch.Tensor]) -> dict[str, Callable[[dict[int, torc
         packed = [packed_linear.pack_weight(w) for w in weights]
 
         def run_packed(xs: dict[int, torch.Tensor], isa: str) -> list:
-            packed_linear.set_instruction_set(isa)
-            return [packed_linear.packed_linear(xs[w.shape[1]], p)
-                    for w, p in zip(weights, packed, strict=True)]
+            with packed_linear.using_instruction_set(isa):
+                return [packed_linear.packed_linear(xs[w.shape[1]], p)
+                        for w, p in zip(weights, packed, strict=True)]
 
         best, *others = packed_linear.instruction_sets()  # "packed" in the best form, then any others
         fns = {"packed": partial(run_packed, isa=best)} | {f"packed-{isa}": partial(run_packed, isa=isa)

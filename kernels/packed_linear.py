@@ -12,7 +12,9 @@ F.linear (or MKL's packed GEMM).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -49,6 +51,17 @@ def set_instruction_set(name: str) -> None:
     benchmarks that compare the forms; results agree to fp32 rounding, not bit for bit)."""
     _require_available()
     load_cpp("packed_linear").set_isa(name)
+
+
+@contextlib.contextmanager
+def using_instruction_set(name: str) -> Iterator[None]:
+    """`set_instruction_set(name)` inside the block; the form before it again after, however it ends."""
+    before = instruction_set()
+    set_instruction_set(name)
+    try:
+        yield
+    finally:
+        set_instruction_set(before)
 
 
 class PackedWeight(NamedTuple):

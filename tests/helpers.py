@@ -3,7 +3,6 @@ of the benchmark scripts."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -41,19 +40,6 @@ def _packed_linear_isas() -> list[str]:
 
 PACKED_LINEAR_ISAS = _packed_linear_isas() if HAS_COMPILER else []
 PACKED_LINEAR_RUNS = bool(PACKED_LINEAR_ISAS)
-
-
-@contextlib.contextmanager
-def packed_isa(name: str):
-    """packed_linear runs in instruction set `name` (one of PACKED_LINEAR_ISAS) inside the block."""
-    from mope.kernels import packed_linear
-
-    before = packed_linear.instruction_set()
-    packed_linear.set_instruction_set(name)
-    try:
-        yield
-    finally:
-        packed_linear.set_instruction_set(before)
 
 
 def on_threads(threads: int, fn, *args, **kwargs):

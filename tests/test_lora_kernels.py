@@ -14,7 +14,6 @@ from tests.helpers import (
     PACKED_LINEAR_RUNS,
     assert_within_fp32_rounding,
     on_threads,
-    packed_isa,
 )
 
 BACKENDS = ["torch", "triton"]
@@ -114,7 +113,7 @@ def test_packed_lora_linear_matches_dense_per_row(isa, num_rows, sort_rows):
     rows, an adapter without rows, output and hidden sizes off the 32-output panels; then the
     block-diagonal expand of a fused projection (two shards), whose zero blocks the kernel skips."""
     x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, sort_rows=sort_rows, seed=num_rows)
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         weight, bias = torch.randn(70, 80) / 9, torch.randn(70)
         base = torch.nn.functional.linear(x, weight, bias)
         out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
@@ -218,7 +217,7 @@ def test_packed_lora_linear_regressions(isa, num_rows, hidden):
     """Minimal cases the fuzzing below found (each failed before its fix)."""
     x, lora_a, lora_b, index, _, scaling = make_case(num_rows=num_rows, hidden=hidden, out_features=5)
     weight, bias = torch.randn(5, hidden), torch.randn(5)
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         out = packed_lora(x, weight, bias, lora_a, lora_b, index, scaling)
     expected = dense_per_row(x, lora_a, lora_b, index, torch.nn.functional.linear(x, weight, bias), scaling)
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
@@ -289,7 +288,7 @@ def test_fuzz_packed_lora_linear_matches_float64_reference(layer, num_rows, hidd
     index = adapter_index(rows, num_rows, num_adapters, g)
     folded = packed_linear.pack_weight(torch.cat([weight, lora_a.reshape(num_adapters * width, hidden)]))
     expand = packed_linear.pack_lora_expand(lora_b.permute(1, 0, 2).reshape(out_features, -1), num_adapters)
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         out = on_threads(threads, packed_linear.packed_lora_linear, x, folded, b, index, expand)
     x64, b64 = x.double(), (b.double() if bias else torch.zeros(out_features, dtype=torch.float64))
     expected, magnitude = x64 @ weight.double().T + b64, x64.abs() @ weight.double().abs().T + b64.abs()

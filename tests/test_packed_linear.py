@@ -18,7 +18,6 @@ from tests.helpers import (
     PACKED_LINEAR_RUNS,
     assert_within_fp32_rounding,
     on_threads,
-    packed_isa,
     run_python,
 )
 
@@ -34,7 +33,7 @@ every_isa = pytest.mark.parametrize("isa", PACKED_LINEAR_ISAS or ["none"])
 def test_matches_f_linear(isa, rows, out_features, in_features):
     """Row counts around the micro-kernels' 12 (AVX-512) and 6 (AVX2) rows, outputs off and on the
     32-output panels and their 16-output halves, with and without bias."""
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         g = torch.Generator().manual_seed(rows * out_features)
         x = torch.randn(rows, in_features, generator=g)
         weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
@@ -71,7 +70,7 @@ def test_a_missing_threads_panels_are_taken_by_the_others():
 @needs_packed
 @every_isa
 def test_non_contiguous_rows_and_no_rows(isa):
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         weight = torch.randn(40, 24)
         packed = packed_linear.pack_weight(weight)
         x = torch.randn(24, 6).T  # a transposed view
@@ -182,7 +181,7 @@ def test_fast_linear_equals_linear_and_follows_weight_updates(ours, monkeypatch)
 @every_isa
 def test_regressions(isa, rows, out_features, in_features):
     """Minimal cases the fuzzing below found (each failed before its fix)."""
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
         bias = torch.randn(out_features)
         packed = packed_linear.pack_weight(weight)
@@ -202,6 +201,19 @@ def test_instruction_sets_and_an_unknown_or_unavailable_one():
         with pytest.raises(ValueError, match=f"instruction set {name} is not one this CPU runs"):
             packed_linear.set_instruction_set(name)
     assert packed_linear.instruction_set() == PACKED_LINEAR_ISAS[0]
+
+
+@needs_packed
+def test_using_instruction_set_restores_the_form_before_however_the_block_ends():
+    before = packed_linear.instruction_set()
+    for isa in PACKED_LINEAR_ISAS:
+        with pytest.raises(RuntimeError, match="inside the block"), packed_linear.using_instruction_set(isa):
+            assert packed_linear.instruction_set() == isa
+            raise RuntimeError("inside the block")
+        assert packed_linear.instruction_set() == before
+    with pytest.raises(ValueError, match="instruction set sse"), packed_linear.using_instruction_set("sse"):
+        pass
+    assert packed_linear.instruction_set() == before
 
 
 @needs_packed
@@ -247,7 +259,7 @@ def test_fuzz_matches_float64_reference(rows, out_features, in_features, bias, l
     weight = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     packed = packed_linear.pack_weight(weight)
-    with packed_isa(isa):
+    with packed_linear.using_instruction_set(isa):
         out = on_threads(threads, packed_linear.packed_linear, x, packed, b)
     b64 = b.double() if bias else torch.zeros(out_features, dtype=torch.float64)
     assert_within_fp32_rounding(out, x.double() @ weight.double().T + b64,
