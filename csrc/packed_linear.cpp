@@ -498,6 +498,11 @@ int64_t span_rows() {
   return active_isa == Isa::kAvx512 ? kSpanRows : kAvx2Rows;
 }
 
+// Row groups of span_rows() per chunk
+int64_t span_groups() {
+  return chunk_rows() / span_rows();
+}
+
 // The LoRA expand of a GEMM's panels: per chunk c, the shrink values k-major with each row's own adapter's
 // columns only (masked + c * L * width * kMaxRows), and per panel and adapter the span of expand rows
 // (pack_expand's `w`, starting at offsets[p * L + a]) with its first column ranges[...].
@@ -506,11 +511,12 @@ struct Expand {
   const float* w;
   const int64_t* ranges;
   const int64_t* offsets;
-  const char* used;  // [(c * groups + g) * L + a]: whether row group g of chunk c has rows of adapter a
-  int64_t num_adapters, width, groups;  // groups: of span_rows() rows, per chunk
+  const char* used;  // [(c * span_groups() + g) * L + a]: whether row group g of chunk c has rows of adapter a
+  int64_t num_adapters, width;
 
-  // The spans of chunk c at panel p (into `spans`, L * groups of room; returned count)
+  // The spans of chunk c at panel p (into `spans`, L * span_groups() of room; returned count)
   int64_t spans_of(int64_t c, int64_t p, Span* spans) const {
+    const int64_t groups = span_groups();
     int64_t n = 0;
     for (int64_t a = 0; a < num_adapters; ++a) {
       const int64_t block = p * num_adapters + a, k_len = offsets[block + 1] - offsets[block];
@@ -537,7 +543,7 @@ void gemm_panels(const float* x, const float* xk, int64_t rows, int64_t k_dim, c
   const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
   const int halves = avx2 ? 2 : 1;  // an AVX2 micro-kernel takes half a panel
   const bool k_major = rows <= kMaxRows;
-  std::vector<Span> spans(expand ? expand->num_adapters * expand->groups : 0);
+  std::vector<Span> spans(expand ? expand->num_adapters * span_groups() : 0);
   for (int64_t p = queue.next(t); p >= 0; p = queue.next(t)) {
     const int64_t cols = std::min(kPanel, col_limit - p * kPanel);
     const float* panel_bias = bias ? bias + p * kPanel : nullptr;
@@ -652,9 +658,8 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
   auto y = torch::empty({rows, out_features}, x.options());
 #ifdef MOPE_X86
   const int64_t per_chunk = chunk_rows(), chunks = (rows + per_chunk - 1) / per_chunk;
-  const int64_t groups = per_chunk / span_rows();  // row group r / span_rows() is group g of chunk c
-  std::vector<char> used(chunks * groups * num_adapters, 0);
-  for (int64_t r = 0; r < rows; ++r)
+  std::vector<char> used(chunks * span_groups() * num_adapters, 0);
+  for (int64_t r = 0; r < rows; ++r)  // row group r / span_rows() is group g of chunk c
     if (index[r] >= 0) used[r / span_rows() * num_adapters + index[r]] = 1;
   // the shrink: the panels of `folded` from the one holding output row out_features on
   const int64_t first_shrink = out_features / kPanel, shrink_panels = (total + kPanel - 1) / kPanel - first_shrink;
@@ -673,8 +678,7 @@ torch::Tensor packed_lora_linear(const torch::Tensor& x, const torch::Tensor& fo
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = index[r] * width; index[r] >= 0 && j < (index[r] + 1) * width; ++j)
         masked[(r / per_chunk * k_all + j) * kMaxRows + r % per_chunk] = shrink[r * ld_shrink + shrink_col + j];
-    const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width,
-                      groups};
+    const Expand lora{masked.data(), expand.data_ptr<float>(), ranges, offsets.data(), used.data(), num_adapters, width};
     gemm_panels(x_data, xk, rows, k_dim, packed, queue, t, out_features, bias ? bias->data_ptr<float>() : nullptr,
                 y.data_ptr<float>(), out_features, 0, &lora, true);
   });
